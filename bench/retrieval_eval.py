@@ -1,0 +1,121 @@
+"""Throughput of full-corpus top-k retrieval: karma.retrieval.exact_topk (torch, fp16 on
+CUDA, fp32 on CPU) and ItemIndex(kind="flat") (faiss, GPU when available).
+
+    python bench/retrieval_eval.py                      # N=200k on CPU, 1M on CUDA
+    python bench/retrieval_eval.py --n-items 100000 --n-queries 256
+
+Writes bench/results/retrieval_<device>.json (device = cpu | cuda).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "platform"))
+
+from karma.retrieval import ItemIndex, exact_topk  # noqa: E402
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time_batches(fn, queries, batch: int, device: str) -> float:
+    fn(queries[:batch])  # warm-up: kernels, BLAS threads, allocator
+    _sync(device)
+    t0 = time.perf_counter()
+    for s in range(0, queries.shape[0], batch):
+        fn(queries[s : s + batch])
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n-items", type=int, default=None, help="default 200000 on CPU, 1000000 on CUDA")
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--k", type=int, default=200)
+    ap.add_argument("--heads", type=int, default=1, help="interest heads per query (max over heads)")
+    ap.add_argument("--n-queries", type=int, default=None, help="default 512 on CPU, 8192 on CUDA")
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--chunk-size", type=int, default=65536)
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    ap.add_argument("--no-faiss", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    n_items = args.n_items or (1_000_000 if device == "cuda" else 200_000)
+    n_queries = args.n_queries or (8192 if device == "cuda" else 512)
+    dtype = torch.float16 if device == "cuda" else torch.float32
+
+    g = torch.Generator().manual_seed(args.seed)
+    items = torch.nn.functional.normalize(torch.randn(n_items, args.dim, generator=g), dim=1)
+    shape = (n_queries, args.heads, args.dim) if args.heads > 1 else (n_queries, args.dim)
+    queries = torch.nn.functional.normalize(torch.randn(*shape, generator=g), dim=-1)
+
+    res: dict = {
+        "command": " ".join([Path(sys.executable).name] + sys.argv),
+        "device": device,
+        "device_name": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "n_items": n_items,
+        "dim": args.dim,
+        "k": args.k,
+        "heads": args.heads,
+        "n_queries": n_queries,
+        "batch": args.batch,
+        "results": {},
+    }
+
+    items_d, queries_d = items.to(device, dtype), queries.to(device, dtype)
+    secs = _time_batches(
+        lambda q: exact_topk(q, items_d, args.k, chunk_size=args.chunk_size), queries_d, args.batch, device
+    )
+    res["results"]["exact_topk"] = {"dtype": str(dtype).removeprefix("torch."), "seconds": secs, "qps": n_queries / secs}
+    _, exact_ids = exact_topk(queries_d[: args.batch], items_d, args.k, chunk_size=args.chunk_size)
+    del items_d, queries_d
+
+    try:
+        import faiss
+    except ImportError:
+        faiss = None
+    res["faiss"] = getattr(faiss, "__version__", None)
+    if faiss is not None and not args.no_faiss:
+        res["faiss_threads"] = faiss.omp_get_max_threads()
+        t0 = time.perf_counter()
+        index = ItemIndex(items.numpy(), kind="flat")
+        build = time.perf_counter() - t0
+        q_np = queries.numpy()
+        secs = _time_batches(lambda q: index.search(q, args.k), q_np, args.batch, "cpu")
+        _, ids = index.search(q_np[: args.batch], args.k)
+        overlap = np.mean([len(set(a) & set(b)) / args.k for a, b in zip(ids.tolist(), exact_ids.cpu().tolist())])
+        res["results"]["faiss_flat"] = {
+            "index_device": index.device,
+            "build_seconds": build,
+            "seconds": secs,
+            "qps": n_queries / secs,
+            "topk_overlap_with_exact": float(overlap),  # < 1 only from fp16 / rounding near-ties
+        }
+
+    out = args.out or ROOT / "bench" / "results" / f"retrieval_{device}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2) + "\n")
+    print(json.dumps(res["results"], indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""Training losses for KARMA: the action (InfoNCE) loss over multi-interest heads,
+popularity negative sampling with its logQ correction, and token cross-entropy for
+the generation and reconstruction branches.
+
+Shapes: B users, H interest heads, d embedding dim, C candidates, N items, T tokens,
+V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "head_scores",
+    "action_loss",
+    "popularity_log_prob",
+    "sample_negatives",
+    "token_ce",
+    "total_loss",
+]
+
+
+def head_scores(
+    z: torch.Tensor,
+    cand: torch.Tensor,
+    reduce: str = "max",
+    mix_logits: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Score candidates against every interest head and reduce over heads.
+
+    z [B,H,d] (a [B,d] input is treated as H=1), cand [C,d] -> [B,C].
+    reduce="max": an item is as good as its best-matching interest.
+    reduce="mixture": softmax(mix_logits [B,H])-weighted sum of the head scores.
+    """
+    if z.dim() == 2:
+        z = z.unsqueeze(1)
+    if z.dim() != 3:
+        raise ValueError(f"z must be [B,H,d] or [B,d], got shape {tuple(z.shape)}")
+    if cand.dim() != 2 or cand.shape[1] != z.shape[2]:
+        raise ValueError(f"cand must be [C,{z.shape[2]}], got shape {tuple(cand.shape)}")
+    s = torch.einsum("bhd,cd->bhc", z, cand)  # [B,H,C]
+    if reduce == "max":
+        return s.amax(dim=1)
+    if reduce == "mixture":
+        if mix_logits is None:
+            raise ValueError("mix_logits is required when reduce='mixture'")
+        if mix_logits.shape != z.shape[:2]:
+            raise ValueError(
+                f"mix_logits must be [B,H]={tuple(z.shape[:2])}, got {tuple(mix_logits.shape)}"
+            )
+        w = torch.softmax(mix_logits.to(s.dtype), dim=-1)
+        return (w.unsqueeze(-1) * s).sum(dim=1)
+    raise ValueError(f"reduce must be 'max' or 'mixture', got {reduce!r}")
+
+
+def action_loss(
+    z: torch.Tensor,
+    cand: torch.Tensor,
+    pos_index: torch.Tensor,
+    tau: torch.Tensor | float,
+    cand_ids: torch.Tensor | None = None,
+    target_ids: torch.Tensor | None = None,
+    log_q: torch.Tensor | None = None,
+    reduce: str = "max",
+    mix_logits: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Sampled-softmax InfoNCE over candidates; the positive of row b is cand[pos_index[b]].
+
+    logits[b,c] = head_scores[b,c] / tau - log_q[c]. Subtracting the log sampling
+    probability (Yi et al. 2019) undoes the popularity bias of in-batch and sampled
+    negatives. Where cand_ids[c] == target_ids[b] at c != pos_index[b] the candidate is
+    the user's own positive appearing again (a duplicate in the batch or a sampled
+    negative), so it is masked out instead of being pushed down.
+    """
+    scores = head_scores(z, cand, reduce=reduce, mix_logits=mix_logits)  # [B,C]
+    B, C = scores.shape
+    if pos_index.shape != (B,):
+        raise ValueError(f"pos_index must be [B]=[{B}], got shape {tuple(pos_index.shape)}")
+    if isinstance(tau, (int, float)):
+        if not tau > 0:
+            raise ValueError(f"tau must be > 0, got {tau}")
+    elif tau.numel() != 1:
+        raise ValueError(f"tau must be a scalar, got shape {tuple(tau.shape)}")
+    logits = scores / tau
+    if log_q is not None:
+        if log_q.shape != (C,):
+            raise ValueError(f"log_q must be [C]=[{C}], got shape {tuple(log_q.shape)}")
+        logits = logits - log_q.to(logits.dtype).unsqueeze(0)
+    if (cand_ids is None) != (target_ids is None):
+        raise ValueError("cand_ids and target_ids must be given together (both or neither)")
+    if cand_ids is not None:
+        if cand_ids.shape != (C,):
+            raise ValueError(f"cand_ids must be [C]=[{C}], got shape {tuple(cand_ids.shape)}")
+        if target_ids.shape != (B,):
+            raise ValueError(f"target_ids must be [B]=[{B}], got shape {tuple(target_ids.shape)}")
+        dup = cand_ids.unsqueeze(0) == target_ids.unsqueeze(1)  # [B,C]
+        dup[torch.arange(B, device=dup.device), pos_index] = False
+        logits = logits.masked_fill(dup, float("-inf"))
+    return F.cross_entropy(logits.float(), pos_index)
+
+
+def popularity_log_prob(counts: torch.Tensor, power: float = 0.75) -> torch.Tensor:
+    """log p[i] with p proportional to (counts[i] + 1) ** power.
+
+    The +1 (add-one smoothing) gives items never seen in training a non-zero chance,
+    so every log_q is finite; power < 1 flattens the head of the popularity curve
+    (word2vec's 0.75).
+    """
+    if counts.dim() != 1 or counts.numel() == 0:
+        raise ValueError(f"counts must be a non-empty [N] tensor, got shape {tuple(counts.shape)}")
+    if bool((counts < 0).any()):
+        raise ValueError("counts must be non-negative")
+    logw = power * torch.log(counts.double() + 1.0)
+    return (logw - torch.logsumexp(logw, dim=0)).float()
+
+
+def sample_negatives(
+    counts: torch.Tensor,
+    n: int,
+    generator: torch.Generator | None = None,
+    power: float = 0.75,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw n item ids (with replacement) from popularity_log_prob(counts, power).
+
+    Returns (ids [n] int64, log_p [N] float32); callers index log_q = log_p[cand_ids]
+    for the whole candidate list (in-batch targets included). Inverse-CDF sampling
+    has no category limit (torch.multinomial stops at 2**24 items).
+    """
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    log_p = popularity_log_prob(counts, power)
+    cdf = torch.cumsum(log_p.double().exp(), dim=0)
+    gen_device = generator.device if generator is not None else counts.device
+    u = torch.rand(n, generator=generator, dtype=torch.float64, device=gen_device).to(cdf.device)
+    ids = torch.searchsorted(cdf, u * cdf[-1], right=True).clamp_(max=counts.numel() - 1)
+    return ids, log_p
+
+
+def token_ce(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Mean cross-entropy over non-ignored positions; logits[:, t] predicts labels[:, t].
+
+    Summing then dividing by max(count, 1) avoids a host sync, and when every label
+    is ignored it returns a zero still attached to the graph (grad of zeros), so
+    distributed backward passes keep the same set of parameters.
+    """
+    if logits.dim() != 3:
+        raise ValueError(f"logits must be [B,T,V], got shape {tuple(logits.shape)}")
+    if labels.shape != logits.shape[:2]:
+        raise ValueError(
+            f"labels must be [B,T]={tuple(logits.shape[:2])}, got shape {tuple(labels.shape)}"
+        )
+    V = logits.shape[-1]
+    total = F.cross_entropy(
+        logits.reshape(-1, V), labels.reshape(-1), ignore_index=ignore_index, reduction="sum"
+    )
+    count = (labels != ignore_index).sum().clamp(min=1)
+    return total / count
+
+
+def total_loss(
+    action: torch.Tensor,
+    gen: torch.Tensor | None = None,
+    rec: torch.Tensor | None = None,
+    w_gen: float = 0.0,
+    w_rec: float = 0.0,
+) -> torch.Tensor:
+    """action + w_gen * gen + w_rec * rec; a branch passed as None is skipped."""
+    for name, w in (("w_gen", w_gen), ("w_rec", w_rec)):
+        if not (math.isfinite(float(w)) and float(w) >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {w}")
+    loss = action
+    if gen is not None:
+        loss = loss + w_gen * gen
+    if rec is not None:
+        loss = loss + w_rec * rec
+    return loss

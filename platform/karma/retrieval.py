@@ -1,0 +1,329 @@
+"""Item retrieval for evaluation and serving: exact chunked top-k and full-corpus ranks
+in torch (any device), and a faiss inner-product index (flat or IVF, CPU or GPU).
+
+Multi-interest queries [B,H,d] score an item by its best head (max over heads),
+matching karma.losses.head_scores(reduce="max"). `exclude` lists are [B,L] int64
+item ids padded with -1 (typically the user's history).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from karma.metrics import ranking_report
+
+__all__ = [
+    "exact_topk",
+    "exact_ranks",
+    "ItemIndex",
+    "ranks_from_topk",
+    "evaluate_retrieval",
+]
+
+
+def _as_heads(q: torch.Tensor, d: int, name: str = "queries") -> torch.Tensor:
+    if q.dim() == 2:
+        q = q.unsqueeze(1)
+    if q.dim() != 3 or q.shape[2] != d:
+        raise ValueError(f"{name} must be [B,{d}] or [B,H,{d}], got shape {tuple(q.shape)}")
+    return q
+
+
+def _check_exclude(exclude: torch.Tensor | None, B: int, device: torch.device) -> torch.Tensor | None:
+    if exclude is None:
+        return None
+    ex = torch.as_tensor(exclude, device=device).long()
+    if ex.dim() != 2 or ex.shape[0] != B:
+        raise ValueError(f"exclude must be [B,L] with B={B}, got shape {tuple(ex.shape)}")
+    return ex
+
+
+def _chunk_scores(
+    q: torch.Tensor, items: torch.Tensor, start: int, end: int, ex: torch.Tensor | None
+) -> torch.Tensor:
+    """Max-over-heads scores of items[start:end] as float32 [B, end-start], excluded ids at -inf."""
+    s = torch.einsum("bhd,nd->bhn", q, items[start:end]).amax(dim=1).float()
+    if ex is not None:
+        hit = (ex >= start) & (ex < end)
+        rows, cols = hit.nonzero(as_tuple=True)
+        s[rows, ex[rows, cols] - start] = float("-inf")
+    return s
+
+
+def exact_topk(
+    queries: torch.Tensor,
+    items: torch.Tensor,
+    k: int,
+    exclude: torch.Tensor | None = None,
+    chunk_size: int = 65536,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k by inner product (max over heads), on the tensors' device.
+
+    Items are scored chunk by chunk and merged into a running top-k, so memory is
+    O(B * (chunk_size + k)) however large the corpus. Returns (scores [B,k] float32,
+    ids [B,k] int64), best first; slots with no eligible item hold -inf / -1.
+    """
+    if items.dim() != 2:
+        raise ValueError(f"items must be [N,d], got shape {tuple(items.shape)}")
+    N, d = items.shape
+    q = _as_heads(queries, d).to(device=items.device, dtype=items.dtype)
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    B = q.shape[0]
+    ex = _check_exclude(exclude, B, items.device)
+    best_s = torch.full((B, k), float("-inf"), device=items.device)
+    best_i = torch.full((B, k), -1, dtype=torch.long, device=items.device)
+    for start in range(0, N, chunk_size):
+        end = min(start + chunk_size, N)
+        s = _chunk_scores(q, items, start, end, ex)
+        cs, ci = s.topk(min(k, end - start), dim=1)
+        all_s = torch.cat([best_s, cs], dim=1)
+        all_i = torch.cat([best_i, ci + start], dim=1)
+        best_s, pick = all_s.topk(k, dim=1)
+        best_i = all_i.gather(1, pick)
+    best_i = best_i.masked_fill(best_s == float("-inf"), -1)
+    return best_s, best_i
+
+
+def exact_ranks(
+    queries: torch.Tensor,
+    items: torch.Tensor,
+    targets: torch.Tensor,
+    exclude: torch.Tensor | None = None,
+    chunk_size: int = 65536,
+) -> torch.Tensor:
+    """Full-corpus 1-based rank of each target, pessimistic on ties (as
+    karma.metrics.target_ranks) but chunked: never materialises [B,N].
+    The target itself is never excluded, even if it appears in `exclude`."""
+    if items.dim() != 2:
+        raise ValueError(f"items must be [N,d], got shape {tuple(items.shape)}")
+    N, d = items.shape
+    q = _as_heads(queries, d).to(device=items.device, dtype=items.dtype)
+    B = q.shape[0]
+    t = torch.as_tensor(targets, device=items.device).long()
+    if t.shape != (B,):
+        raise ValueError(f"targets must be [B]=[{B}], got shape {tuple(t.shape)}")
+    if B and (int(t.min()) < 0 or int(t.max()) >= N):
+        raise ValueError(f"targets must lie in [0, {N})")
+    ex = _check_exclude(exclude, B, items.device)
+    # the target's score comes from the same chunked kernel as its competitors
+    tgt = torch.empty(B, device=items.device)
+    for start in range(0, N, chunk_size):
+        end = min(start + chunk_size, N)
+        inside = (t >= start) & (t < end)
+        if inside.any():
+            rows = inside.nonzero(as_tuple=True)[0]
+            s = _chunk_scores(q[rows], items, start, end, None)
+            tgt[rows] = s[torch.arange(rows.numel(), device=s.device), t[rows] - start]
+    rank = torch.ones(B, dtype=torch.long, device=items.device)
+    for start in range(0, N, chunk_size):
+        end = min(start + chunk_size, N)
+        s = _chunk_scores(q, items, start, end, ex)
+        inside = (t >= start) & (t < end)
+        rows = inside.nonzero(as_tuple=True)[0]
+        s[rows, t[rows] - start] = float("-inf")  # the target does not compete with itself
+        rank += ((s >= tgt.unsqueeze(1)) | s.isnan() | tgt.isnan().unsqueeze(1)).sum(dim=1)
+    return rank
+
+
+def ranks_from_topk(ids: torch.Tensor | np.ndarray, targets: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """1-based float64 rank of each target inside its top-K list; +inf when absent,
+    which karma.metrics treats as a miss at every cutoff."""
+    ids_t = torch.as_tensor(np.asarray(ids) if not isinstance(ids, torch.Tensor) else ids).long()
+    t = torch.as_tensor(np.asarray(targets) if not isinstance(targets, torch.Tensor) else targets)
+    t = t.long().to(ids_t.device)
+    if ids_t.dim() != 2 or t.shape != (ids_t.shape[0],):
+        raise ValueError(f"ids must be [B,K] and targets [B], got {tuple(ids_t.shape)} and {tuple(t.shape)}")
+    hit = ids_t == t.unsqueeze(1)
+    pos = hit.float().argmax(dim=1).double() + 1.0  # first hit
+    return torch.where(hit.any(dim=1), pos, torch.full_like(pos, math.inf))
+
+
+def _np32(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().float().cpu().numpy()
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+class ItemIndex:
+    """faiss inner-product index over item embeddings.
+
+    kind="flat": exact (IndexFlatIP). kind="ivf": IndexIVFFlat with nlist clusters
+    (default ~4*sqrt(N)) trained on the items themselves, nprobe probed per query.
+    use_gpu: "auto" (GPU when faiss was built with it and sees one), True, False.
+    """
+
+    def __init__(
+        self,
+        item_emb: np.ndarray | torch.Tensor,
+        kind: str = "flat",
+        nlist: int | None = None,
+        nprobe: int = 16,
+        use_gpu: bool | str = "auto",
+    ):
+        import faiss
+
+        x = _np32(item_emb)
+        if x.ndim != 2 or x.shape[0] == 0:
+            raise ValueError(f"item_emb must be a non-empty [N,d] array, got shape {x.shape}")
+        N, d = x.shape
+        if nprobe < 1:
+            raise ValueError(f"nprobe must be >= 1, got {nprobe}")
+        if kind == "flat":
+            index = faiss.IndexFlatIP(d)
+        elif kind == "ivf":
+            nlist = nlist or max(1, int(round(4 * math.sqrt(N))))
+            if not 1 <= nlist <= N:
+                raise ValueError(f"nlist must be in [1, {N}], got {nlist}")
+            index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+            index.train(x)
+            index.nprobe = min(nprobe, nlist)
+        else:
+            raise ValueError(f"kind must be 'flat' or 'ivf', got {kind!r}")
+        index.add(x)
+        self._setup(index, use_gpu)
+
+    @classmethod
+    def load(cls, path: str, use_gpu: bool | str = "auto") -> "ItemIndex":
+        import faiss
+
+        self = cls.__new__(cls)
+        self._setup(faiss.read_index(str(path)), use_gpu)
+        return self
+
+    def _setup(self, cpu_index, use_gpu: bool | str) -> None:
+        import faiss
+
+        if use_gpu not in ("auto", True, False):
+            raise ValueError(f"use_gpu must be 'auto', True or False, got {use_gpu!r}")
+        has_gpu = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+        if use_gpu is True and not has_gpu:
+            raise ValueError("use_gpu=True but this faiss build has no GPU support or sees no GPU")
+        self.kind = "ivf" if faiss.try_extract_index_ivf(cpu_index) is not None else "flat"
+        self._res = None
+        if has_gpu and use_gpu in ("auto", True):
+            self._res = faiss.StandardGpuResources()  # must outlive the GPU index
+            self.index = faiss.index_cpu_to_gpu(self._res, 0, cpu_index)
+            self.device = "cuda:0"
+        else:
+            self.index = cpu_index
+            self.device = "cpu"
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    @property
+    def dim(self) -> int:
+        return int(self.index.d)
+
+    def save(self, path: str) -> None:
+        import faiss
+
+        idx = faiss.index_gpu_to_cpu(self.index) if self.device != "cpu" else self.index
+        faiss.write_index(idx, str(path))
+
+    def search(
+        self,
+        queries: np.ndarray | torch.Tensor,
+        k: int,
+        exclude: np.ndarray | torch.Tensor | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k items per user: (scores [B,k] float32, ids [B,k] int64), best first.
+
+        Each head is searched for k + L results (L = exclude width) so that after
+        dropping excluded ids at least k remain; heads are merged by max score per
+        item. Missing slots hold score -inf and id -1.
+        """
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        q = _np32(queries)
+        if q.ndim == 2:
+            q = q[:, None, :]
+        if q.ndim != 3 or q.shape[2] != self.dim:
+            raise ValueError(f"queries must be [B,{self.dim}] or [B,H,{self.dim}], got shape {q.shape}")
+        B, H, d = q.shape
+        ex = None
+        if exclude is not None:
+            ex = np.asarray(exclude.cpu() if isinstance(exclude, torch.Tensor) else exclude, dtype=np.int64)
+            if ex.ndim != 2 or ex.shape[0] != B:
+                raise ValueError(f"exclude must be [B,L] with B={B}, got shape {ex.shape}")
+        kk = min(k + (ex.shape[1] if ex is not None else 0), self.ntotal)
+        if self.device != "cpu" and kk > 2048:  # faiss GPU k-selection limit
+            raise ValueError(f"k + exclude width must be <= 2048 on a GPU index, got {kk}")
+        D, I = self.index.search(np.ascontiguousarray(q.reshape(B * H, d)), kk)
+        D = D.reshape(B, H * kk).astype(np.float32)
+        I = I.reshape(B, H * kk).astype(np.int64)
+        bad = I < 0
+        if ex is not None:
+            # row-wise membership via one isin on (row, id) keys
+            rows = np.arange(B, dtype=np.int64)[:, None]
+            stride = np.int64(self.ntotal + 1)
+            ex_keys = (rows * stride + ex)[ex >= 0]
+            bad |= np.isin(rows * stride + I, ex_keys)
+        if H > 1:
+            # keep each item once per user, at its best head: order by score, then a
+            # stable sort by id puts each id's best copy first
+            o = np.argsort(-D, axis=1, kind="stable")
+            Is = np.take_along_axis(I, o, 1)
+            o2 = np.argsort(Is, axis=1, kind="stable")
+            Iss = np.take_along_axis(Is, o2, 1)
+            dup_sorted = np.zeros_like(Iss, dtype=bool)
+            dup_sorted[:, 1:] = Iss[:, 1:] == Iss[:, :-1]
+            dup = np.empty_like(dup_sorted)
+            np.put_along_axis(dup, np.take_along_axis(o, o2, 1), dup_sorted, 1)
+            bad |= dup
+        D[bad] = -np.inf
+        I[bad] = -1
+        top = np.argsort(-D, axis=1, kind="stable")[:, :k]
+        S, ids = np.take_along_axis(D, top, 1), np.take_along_axis(I, top, 1)
+        if S.shape[1] < k:  # corpus smaller than k
+            pad = k - S.shape[1]
+            S = np.pad(S, ((0, 0), (0, pad)), constant_values=-np.inf)
+            ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
+        return S, ids
+
+
+def evaluate_retrieval(
+    queries: np.ndarray | torch.Tensor,
+    item_emb: np.ndarray | torch.Tensor,
+    targets: np.ndarray | torch.Tensor,
+    ks: Sequence[int] = (10, 50, 200),
+    index: ItemIndex | None = None,
+    exclude: np.ndarray | torch.Tensor | None = None,
+    chunk_size: int = 65536,
+) -> dict[str, float | int]:
+    """HR@k / NDCG@k from one faiss top-max(ks) search (a flat index is built when
+    none is given) and MRR from exact chunked full-corpus ranks (pessimistic ties).
+
+    A target is always rankable: it is removed from its own exclude row first.
+    """
+    items_t = item_emb if isinstance(item_emb, torch.Tensor) else torch.from_numpy(_np32(item_emb))
+    q_t = queries if isinstance(queries, torch.Tensor) else torch.from_numpy(_np32(queries))
+    t = torch.as_tensor(np.asarray(targets) if not isinstance(targets, torch.Tensor) else targets).long()
+    if q_t.shape[0] != t.shape[0] or t.dim() != 1:
+        raise ValueError(f"targets must be [B] with B={q_t.shape[0]}, got shape {tuple(t.shape)}")
+    if not ks:
+        raise ValueError("ks must name at least one cutoff")
+    ex = None
+    if exclude is not None:
+        ex = torch.as_tensor(np.asarray(exclude) if not isinstance(exclude, torch.Tensor) else exclude).long()
+        if ex.dim() != 2 or ex.shape[0] != t.shape[0]:
+            raise ValueError(f"exclude must be [B,L] with B={t.shape[0]}, got shape {tuple(ex.shape)}")
+        ex = ex.masked_fill(ex == t.to(ex.device).unsqueeze(1), -1)
+    if index is None:
+        index = ItemIndex(_np32(items_t), kind="flat", use_gpu="auto")
+    elif index.ntotal != items_t.shape[0]:
+        raise ValueError(f"index holds {index.ntotal} items but item_emb has {items_t.shape[0]}")
+    _, ids = index.search(q_t, max(ks), None if ex is None else ex.cpu().numpy())
+    out = ranking_report(ranks_from_topk(ids, t), ks)
+    exact = exact_ranks(q_t.to(items_t.device), items_t, t, None if ex is None else ex, chunk_size)
+    out["MRR"] = float((1.0 / exact.double()).mean())
+    out["n_queries"] = int(t.shape[0])
+    return out
