@@ -1,0 +1,236 @@
+"""The KARMA model: fused item tokens into a causal LM, H interest tokens read out as embeddings,
+and the two train-only decoding branches (generation, reconstruction).
+
+Sequence layouts (left part padded on the left, text part on the right; positions follow the mask):
+
+    action + generation (one shared forward):
+        [query: q] [item_1 .. item_L] [INT_1 .. INT_H] [next item:] [target text ...]
+    reconstruction (no history):
+        [describe the item:] [P_rec(z) as k soft tokens] [next item:] [target text ...]
+
+The interest tokens see only the history (causal attention), so appending the target text for
+the generation branch leaves z unchanged: inference simply stops after INT_H.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from karma.config import ModelConfig
+from karma.text import GEN_PROMPT, QUERY_PREFIX, REC_PROMPT, Tokenizer
+
+
+def mlp(d_in: int, d_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(d_in, d_out), nn.GELU(), nn.Linear(d_out, d_out))
+
+
+class ItemEncoder(nn.Module):
+    """e_in(i) = norm(MLP_id(ID[i]) + MLP_txt(text[i]) [+ MLP_img(img[i])]) in the LLM's width."""
+
+    def __init__(self, n_items: int, id_dim: int, hidden: int, text_emb: torch.Tensor | None,
+                 image_emb: torch.Tensor | None, out_scale: float):
+        super().__init__()
+        self.id_emb = nn.Embedding(n_items, id_dim)
+        nn.init.normal_(self.id_emb.weight, std=0.02)
+        self.mlp_id = mlp(id_dim, hidden)
+        self.mlp_txt = self.mlp_img = None
+        if text_emb is not None:
+            self.register_buffer("text_emb", text_emb.float())  # frozen, saved with the weights
+            self.mlp_txt = mlp(text_emb.shape[1], hidden)
+        if image_emb is not None:
+            self.register_buffer("image_emb", image_emb.float())
+            self.mlp_img = mlp(image_emb.shape[1], hidden)
+        self.norm = nn.LayerNorm(hidden)
+        # Match the backbone's token-embedding scale so item tokens look like tokens to it.
+        nn.init.constant_(self.norm.weight, out_scale)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.mlp_id(self.id_emb(ids))
+        if self.mlp_txt is not None:
+            x = x + self.mlp_txt(self.text_emb[ids])
+        if self.mlp_img is not None:
+            x = x + self.mlp_img(self.image_emb[ids])
+        return self.norm(x)
+
+
+@dataclass
+class Prompts:
+    """Token ids of the fixed prompt pieces, from the backbone's tokenizer."""
+
+    query: list[int]
+    gen: list[int]
+    rec: list[int]
+
+    @classmethod
+    def from_tokenizer(cls, tok: Tokenizer) -> "Prompts":
+        return cls(tok.encode(QUERY_PREFIX), tok.encode(GEN_PROMPT), tok.encode(REC_PROMPT))
+
+
+class KarmaModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, backbone: nn.Module, n_items: int, item_tokens: torch.Tensor,
+                 item_token_len: torch.Tensor, pad_id: int, prompts: Prompts, text_emb: torch.Tensor | None = None,
+                 image_emb: torch.Tensor | None = None, tau_init: float = 0.07, learn_tau: bool = True):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = backbone
+        self.pad_id = pad_id
+        self.prompts = prompts
+        emb = backbone.get_input_embeddings().weight
+        hidden = emb.shape[1]
+        scale = float(emb.detach().float().std())
+        self.items = ItemEncoder(n_items, cfg.id_dim, hidden, text_emb, image_emb, scale)
+        self.interest_tokens = nn.Parameter(torch.randn(cfg.n_interest, hidden) * scale)
+        self.interest_head = nn.Linear(hidden, cfg.embed_dim)
+        self.item_head = nn.Linear(hidden, cfg.embed_dim)
+        self.mix_head = nn.Linear(hidden, cfg.n_interest) if cfg.head_reduce == "mixture" else None
+        self.rec_proj = nn.Linear(cfg.embed_dim, cfg.rec_soft_tokens * hidden)
+        self.log_tau = nn.Parameter(torch.tensor(math.log(tau_init)), requires_grad=learn_tau)
+        self.register_buffer("item_tokens", item_tokens.long())  # [N, T] target text, EOS, padding
+        self.register_buffer("item_token_len", item_token_len.long())  # [N] text + EOS lengths
+
+    # ---- pieces ---------------------------------------------------------------------------------
+    @property
+    def n_items(self) -> int:
+        return self.items.id_emb.num_embeddings
+
+    @property
+    def hidden(self) -> int:
+        return self.interest_tokens.shape[1]
+
+    @property
+    def tau(self) -> torch.Tensor:
+        return self.log_tau.exp().clamp(min=1e-3)
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.backbone.get_input_embeddings()(ids)
+
+    def item_embeddings(self, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The item tower e_out(i) = normalize(W_o e_in(i)); all items when ids is None."""
+        if ids is None:
+            ids = torch.arange(self.n_items, device=self.item_tokens.device)
+        return F.normalize(self.item_head(self.items(ids)).float(), dim=-1)
+
+    def _text_part(self, target: torch.Tensor, prompt: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Embeddings, mask and labels of `[prompt] [target text]` (labels aligned to inputs)."""
+        tokens = self.item_tokens[target]  # [B, T]: text, EOS, padding
+        b, t = tokens.shape
+        # Real tokens by length, not by pad id: HF tokenizers often pad with EOS itself.
+        real = torch.arange(t, device=tokens.device) < self.item_token_len[target].unsqueeze(1)
+        p = torch.tensor(prompt, device=tokens.device).expand(b, -1)
+        ids = torch.cat([p, tokens[:, :-1]], dim=1)
+        mask = torch.cat([torch.ones_like(p, dtype=torch.bool), real[:, :-1]], dim=1)
+        ignore = torch.full((b, len(prompt) - 1), -100, device=tokens.device, dtype=torch.long)
+        labels = torch.cat([ignore, tokens.masked_fill(~real, -100)], dim=1)
+        return self.embed_tokens(ids), mask, labels
+
+    def _prefix(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """[query] [items] [INT_1..H] embeddings and mask; the INT tokens are the last H columns."""
+        hist, hmask = batch["history"], batch["history_mask"]
+        parts = [self.items(hist)]
+        masks = [hmask]
+        if "query_ids" in batch:  # left-padded query tokens with the `query:` prefix
+            parts.insert(0, self.embed_tokens(batch["query_ids"]))
+            masks.insert(0, batch["query_mask"])
+        b = hist.shape[0]
+        parts.append(self.interest_tokens.unsqueeze(0).expand(b, -1, -1).to(parts[0].dtype))
+        masks.append(torch.ones(b, self.cfg.n_interest, dtype=torch.bool, device=hist.device))
+        return torch.cat(parts, dim=1), torch.cat(masks, dim=1)
+
+    def _run(self, embeds: torch.Tensor, mask: torch.Tensor, output_attentions: bool = False):
+        # Positions follow the mask, so padding anywhere (left or right) does not shift them.
+        pos = (mask.long().cumsum(1) - 1).clamp(min=0)
+        decoder = self.backbone.get_decoder()
+        return decoder(inputs_embeds=embeds, attention_mask=mask.long(), position_ids=pos,
+                       output_attentions=output_attentions, use_cache=False)
+
+    def _read_interests(self, hidden: torch.Tensor, n_prefix: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        h_int = hidden[:, n_prefix - self.cfg.n_interest : n_prefix].float()  # [B, H, D]
+        z = F.normalize(self.interest_head(h_int.to(self.interest_head.weight.dtype)).float(), dim=-1)
+        mix = self.mix_head(h_int[:, 0].to(self.mix_head.weight.dtype)).float() if self.mix_head is not None else None
+        return z, mix
+
+    def _lm_logits(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """LM-head logits only where a label exists: the vocabulary matmul is the costly part."""
+        keep = labels != -100
+        return self.backbone.get_output_embeddings()(hidden[keep]).float(), labels[keep]
+
+    # ---- forward passes -----------------------------------------------------------------------
+    def interests(self, batch: dict) -> dict:
+        """Inference: the interest path only. Returns z [B, H, d] (and mixture logits)."""
+        embeds, mask = self._prefix(batch)
+        hidden = self._run(embeds, mask).last_hidden_state
+        z, mix = self._read_interests(hidden, embeds.shape[1])
+        return {"z": z, "mix_logits": mix}
+
+    def forward(self, batch: dict, gen_rows: torch.Tensor | None = None) -> dict:
+        """Interests, plus generation logits for `gen_rows` (bool [B]) in the same forward."""
+        embeds, mask = self._prefix(batch)
+        n_prefix = embeds.shape[1]
+        if gen_rows is None:
+            hidden = self._run(embeds, mask).last_hidden_state
+            z, mix = self._read_interests(hidden, n_prefix)
+            return {"z": z, "mix_logits": mix, "n_tokens": mask.sum()}
+        t_emb, t_mask, labels = self._text_part(batch["target"], self.prompts.gen)
+        labels = labels.masked_fill(~gen_rows.unsqueeze(1), -100)
+        full_mask = torch.cat([mask, t_mask], 1)
+        hidden = self._run(torch.cat([embeds, t_emb], 1), full_mask).last_hidden_state
+        z, mix = self._read_interests(hidden, n_prefix)
+        logits, flat_labels = self._lm_logits(hidden[:, n_prefix:], labels)
+        return {"z": z, "mix_logits": mix, "gen_logits": logits, "gen_labels": flat_labels,
+                "n_tokens": full_mask.sum()}
+
+    def _rec_prefix(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[describe the item:] [P_rec(z)]: the embedding alone, no history. Uses head 0."""
+        b = z.shape[0]
+        dtype = self.embed_tokens(torch.zeros(1, dtype=torch.long, device=z.device)).dtype
+        soft = self.rec_proj(z[:, 0].to(self.rec_proj.weight.dtype)).view(b, self.cfg.rec_soft_tokens, self.hidden)
+        instr = torch.tensor(self.prompts.rec, device=z.device).expand(b, -1)
+        embeds = torch.cat([self.embed_tokens(instr), soft.to(dtype)], dim=1)
+        return embeds, torch.ones(embeds.shape[:2], dtype=torch.bool, device=z.device)
+
+    def reconstruct(self, z: torch.Tensor, target: torch.Tensor) -> dict:
+        """Reconstruction branch: decode the target text from z alone."""
+        embeds, mask = self._rec_prefix(z)
+        t_emb, t_mask, labels = self._text_part(target, self.prompts.gen)
+        full_mask = torch.cat([mask, t_mask], 1)
+        hidden = self._run(torch.cat([embeds, t_emb], 1), full_mask).last_hidden_state
+        logits, flat_labels = self._lm_logits(hidden[:, embeds.shape[1]:], labels)
+        return {"rec_logits": logits, "rec_labels": flat_labels, "n_tokens": full_mask.sum()}
+
+    @torch.no_grad()
+    def decode_from_z(self, z: torch.Tensor, max_tokens: int) -> list[list[int]]:
+        """Greedy decoding of item text from z (fidelity analysis); stops at EOS."""
+        embeds, mask = self._rec_prefix(z)
+        gen = torch.tensor(self.prompts.gen, device=z.device).expand(z.shape[0], -1)
+        embeds = torch.cat([embeds, self.embed_tokens(gen)], 1)
+        out = torch.empty(z.shape[0], 0, dtype=torch.long, device=z.device)
+        for _ in range(max_tokens):
+            m = torch.ones(embeds.shape[:2], dtype=torch.bool, device=z.device)
+            hidden = self._run(embeds, m).last_hidden_state[:, -1]
+            nxt = self.backbone.get_output_embeddings()(hidden).argmax(-1, keepdim=True)
+            out = torch.cat([out, nxt], 1)
+            embeds = torch.cat([embeds, self.embed_tokens(nxt)], 1)
+        return out.tolist()
+
+    @torch.no_grad()
+    def attention_maps(self, batch: dict) -> dict:
+        """Eager attention maps of the interest path, for sink and collapse analyses."""
+        from karma.backbone import set_attention
+
+        embeds, mask = self._prefix(batch)
+        set_attention(self.backbone, "eager")
+        try:
+            out = self._run(embeds, mask, output_attentions=True)
+        finally:
+            set_attention(self.backbone, self.cfg.attn_implementation)
+        n = embeds.shape[1]
+        item_mask = torch.zeros_like(mask)
+        item_mask[:, n - self.cfg.n_interest - batch["history"].shape[1] : n - self.cfg.n_interest] = batch["history_mask"]
+        query_pos = torch.arange(n - self.cfg.n_interest, n, device=mask.device).expand(mask.shape[0], -1)
+        return {"attentions": [a.float() for a in out.attentions], "attention_mask": mask,
+                "item_mask": item_mask, "query_positions": query_pos}
