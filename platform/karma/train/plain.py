@@ -1,0 +1,88 @@
+"""A plain single-process training loop (no Ray, no DeepSpeed): the reference the distributed
+job is measured against, and the quickest way to try a config on one machine."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from karma.config import Config
+from karma.evaluate import batches, popularity_metrics, retrieval_metrics
+from karma.factory import build_model
+from karma.optim import make_scheduler, param_groups
+from karma.pipeline import prepare
+from karma.progress import Progress
+from karma.step import NegativeSampler, karma_losses, prepare_batch
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def total_steps(cfg: Config, n_train: int, world: int = 1) -> int:
+    per_epoch = n_train // (cfg.train.batch_size * world) // cfg.train.grad_accum
+    steps = per_epoch * cfg.train.epochs
+    return min(steps, cfg.train.max_steps) if cfg.train.max_steps > 0 else steps
+
+
+def train_plain(cfg: Config, log=print) -> dict:
+    """Train on cfg's data; returns validation metrics before/after and the popularity baseline."""
+    device = pick_device(cfg.train.device)
+    prep = prepare(cfg.data, log)
+    valid = prep.split.valid
+    if cfg.train.eval_max_users:
+        valid = valid.iloc[: cfg.train.eval_max_users]
+    model, tok = build_model(cfg, prep.data.items, log=log)
+    model.to(device)
+    ks = cfg.train.ks
+    evaluate = lambda: retrieval_metrics(model, valid, tok, cfg.data.max_history, device, ks)  # noqa: E731
+
+    result = {"popularity": popularity_metrics(prep.counts, valid, ks), "before": evaluate(), "epochs": []}
+    log(f"popularity baseline HR@10={result['popularity']['HR@10']:.4f}; "
+        f"untrained HR@10={result['before']['HR@10']:.4f}")
+
+    opt = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr)
+    steps = total_steps(cfg, len(prep.split.train))
+    sched = make_scheduler(opt, cfg.train.warmup_steps, steps)
+    sampler = NegativeSampler(prep.counts, cfg.loss.n_negatives, seed=cfg.train.seed)
+    progress = Progress(steps, cfg.train.log_every, log)
+    rng = np.random.default_rng(cfg.train.seed)
+    step, epoch, best, stale, start = 0, 0, -1.0, 0, time.time()
+    while step < steps:
+        epoch += 1
+        model.train()
+        order = rng.permutation(len(prep.split.train))
+        usable = len(order) // cfg.train.batch_size * cfg.train.batch_size  # no ragged last batch
+        train = prep.split.train.iloc[order[:usable]]
+        for i, raw in enumerate(batches(train, cfg.train.batch_size, cfg.data.max_history)):
+            batch = prepare_batch(raw, model, tok, device)
+            loss, parts = karma_losses(model, batch, cfg.loss, sampler)
+            (loss / cfg.train.grad_accum).backward()
+            if (i + 1) % cfg.train.grad_accum:
+                continue
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            progress.update(step, parts, cfg.train.batch_size * cfg.train.grad_accum)
+            if step >= steps:
+                break
+        metrics = evaluate()
+        result["epochs"].append(metrics)
+        log(f"epoch {epoch}: valid HR@10={metrics['HR@10']:.4f} NDCG@10={metrics['NDCG@10']:.4f} "
+            f"({time.time() - start:.0f}s)")
+        if metrics["NDCG@10"] > best:
+            best, stale = metrics["NDCG@10"], 0
+        else:
+            stale += 1
+            if cfg.train.early_stop_patience and stale >= cfg.train.early_stop_patience:
+                log(f"early stop: no NDCG@10 gain for {stale} epochs")
+                break
+    result.update(after=result["epochs"][-1], steps=step, seconds=time.time() - start)
+    result["model"], result["tokenizer"], result["prepared"] = model, tok, prep
+    return result

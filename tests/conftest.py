@@ -1,0 +1,36 @@
+"""Shared fixtures: a tiny item table and a tiny built model (random weights, offline)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "platform"))
+
+from karma.config import load_config  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> str:
+    """One text-embedding cache for the whole test session (MiniLM runs once per item set)."""
+    return str(tmp_path_factory.mktemp("karma-cache"))
+
+
+def tiny_cfg(cache_dir: str, *overrides: str):
+    return load_config(ROOT / "configs" / "tiny.yaml", [f"data.cache_dir={cache_dir}", *overrides])
+
+
+@pytest.fixture(scope="session")
+def items() -> pd.DataFrame:
+    cats = ["soldering tools", "laboratory glassware", "safety gloves"]
+    brands = ["acme", "hakko", "pyrex", "ansell"]
+    rows = []
+    for i in range(30):
+        cat, brand = cats[i % 3], brands[i % 4]
+        rows.append({"item_id": 100 + i, "title": f"{brand} {cat.split()[0]} model {i}", "category": cat,
+                     "brand": brand, "text": ""})
+    return pd.DataFrame(rows)

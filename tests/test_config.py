@@ -1,0 +1,61 @@
+import pytest
+
+from karma.config import Config, ConfigError, from_dict, load_config, parse_override
+from conftest import ROOT
+
+
+def test_defaults_are_the_embedded_default():
+    cfg = load_config()
+    assert cfg.data.source == "synthetic" and cfg.model.backbone == "tiny"
+    assert cfg.dist.zero_stage == 2 and cfg.dist.precision == "bf16"
+
+
+@pytest.mark.parametrize("name", ["tiny.yaml", "smollm2.yaml", "qwen0.5b-gpu.yaml"])
+def test_shipped_configs_load(name):
+    assert isinstance(load_config(ROOT / "configs" / name), Config)
+
+
+def test_overrides_parse_types():
+    cfg = load_config(None, ["train.lr=3e-4", "train.batch_size=16", "model.lora=true", "train.ks=[5,20]",
+                             "data.path=/tmp/x.y", "model.backbone=smollm2"])
+    assert cfg.train.lr == pytest.approx(3e-4) and cfg.train.batch_size == 16 and cfg.model.lora is True
+    assert cfg.train.ks == [5, 20] and cfg.data.path == "/tmp/x.y" and cfg.model.backbone == "smollm2"
+    assert parse_override("loss.w_gen=0") == (["loss", "w_gen"], 0)
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["train.lrr=1"], "unknown key(s) ['lrr'] in train"),
+    (["trian.lr=1"], "unknown key(s) ['trian'] in the top level"),
+    (["dist.zero_stage=4"], "dist.zero_stage: 4 is not a ZeRO stage"),
+    (["train.batch_size=abc"], "train.batch_size: expected an integer"),
+    (["train.batch_size=1"], "train.batch_size: must be at least 2"),
+    (["dist.precision=fp8"], "dist.precision: 'fp8' is not allowed"),
+    (["model.n_interest=0"], "model.n_interest: must be at least 1"),
+    (["loss.w_gen=-1"], "loss.w_gen / loss.w_rec"),
+    (["data.source=recbole"], "data.path: required"),
+    (["data.split=time"], "data.valid_start / data.test_start"),
+    (["model.lora=maybe"], "model.lora: expected true or false"),
+    (["train.lr"], "write it as section.key=value"),
+])
+def test_bad_values_name_the_key(overrides, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert needle in str(err.value)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    section = tmp_path / "section.yaml"
+    section.write_text("train: 3")
+    with pytest.raises(ConfigError, match="train: expected a mapping"):
+        load_config(section)
+
+
+def test_digest_changes_with_values():
+    assert from_dict({}).digest() == from_dict({}).digest()
+    assert from_dict({}).digest() != from_dict({"train": {"lr": 0.5}}).digest()

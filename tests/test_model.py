@@ -1,0 +1,123 @@
+"""The KARMA model and its step: shapes, invariances, losses that learn, branches that skip."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_cfg
+from karma.data import collate
+from karma.export import export_model, load_export
+from karma.factory import build_model
+from karma.step import NegativeSampler, karma_losses, prepare_batch
+
+
+def make_batch(model, tok, queries=None):
+    rows = {"user_id": [0, 1, 2, 3], "history": [[0, 1, 2], [3, 4], [5, 6, 7, 8], [9]],
+            "target": [3, 5, 9, 12], "query": queries or [""] * 4, "shown": [[]] * 4}
+    return prepare_batch(collate(rows, 10), model, tok, "cpu")
+
+
+@pytest.fixture(scope="module")
+def built(items, cache_dir):
+    return {h: build_model(tiny_cfg(cache_dir, f"model.n_interest={h}"), items, log=None) for h in (1, 4)}
+
+
+@pytest.mark.parametrize("heads", [1, 4])
+def test_shapes(built, heads):
+    model, tok = built[heads]
+    batch = make_batch(model, tok)
+    out = model(batch, gen_rows=torch.ones(4, dtype=torch.bool))
+    d = model.cfg.embed_dim
+    assert out["z"].shape == (4, heads, d)
+    assert torch.allclose(out["z"].norm(dim=-1), torch.ones(4, heads), atol=1e-5)
+    assert out["gen_logits"].shape == (out["gen_labels"].shape[0], tok.vocab_size)
+    # every target token and its EOS is a label: lengths of the 4 targets' texts
+    assert out["gen_labels"].shape[0] == int(model.item_token_len[batch["target"]].sum())
+    rec = model.reconstruct(out["z"], batch["target"])
+    assert rec["rec_labels"].shape == out["gen_labels"].shape
+    assert model.item_embeddings().shape == (30, d)
+    maps = model.attention_maps(batch)
+    assert len(maps["attentions"]) == model.cfg.tiny_layers
+    assert maps["query_positions"].shape == (4, heads)
+
+
+def test_interest_path_ignores_generation_suffix_and_padding(built):
+    model, tok = built[4]
+    model.eval()
+    batch = make_batch(model, tok)
+    z_inf = model.interests(batch)["z"]
+    z_train = model(batch, gen_rows=torch.ones(4, dtype=torch.bool))["z"]
+    assert torch.allclose(z_inf, z_train, atol=1e-5)  # causal: the appended text never reaches INT
+    single = prepare_batch(collate({"user_id": [3], "history": [[9]], "target": [12], "query": [""],
+                                    "shown": [[]]}, 10), model, tok, "cpu")
+    assert torch.allclose(model.interests(single)["z"][0], z_inf[3], atol=1e-5)  # left padding is inert
+
+
+def test_query_changes_interests(built):
+    model, tok = built[1]
+    model.eval()
+    plain = model.interests(make_batch(model, tok))["z"]
+    queried = model.interests(make_batch(model, tok, ["hakko soldering", "", "", ""]))["z"]
+    assert not torch.allclose(plain[0], queried[0], atol=1e-4)
+    assert torch.allclose(plain[1:], queried[1:], atol=1e-5)
+
+
+@pytest.mark.parametrize("heads", [1, 4])
+def test_one_step_lowers_each_loss(items, cache_dir, heads):
+    model, tok = build_model(tiny_cfg(cache_dir, f"model.n_interest={heads}", "model.dropout=0.0"), items, log=None)
+    cfg = tiny_cfg(cache_dir, "loss.w_gen=1.0", "loss.w_rec=1.0", "loss.n_negatives=8")
+    batch = make_batch(model, tok)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    sampler = NegativeSampler(np.ones(30), 8, seed=0)
+
+    def losses():
+        sampler.load_state_dict(frozen)  # the same negatives before and after the step
+        return karma_losses(model, batch, cfg.loss, sampler)
+
+    frozen = sampler.state_dict()
+    loss, before = losses()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        _, after = losses()
+    for part in ("loss_action", "loss_gen", "loss_rec"):
+        assert float(after[part]) < float(before[part]), part
+
+
+def test_zero_weight_skips_branch(built, cache_dir, monkeypatch):
+    model, tok = built[1]
+    cfg = tiny_cfg(cache_dir, "loss.w_gen=0", "loss.w_rec=0")
+    calls = []
+    monkeypatch.setattr(model, "reconstruct", lambda *a, **k: calls.append("rec"))
+    _, parts = karma_losses(model, make_batch(model, tok), cfg.loss, None)
+    assert "loss_gen" not in parts and "loss_rec" not in parts and calls == []
+    assert float(parts["loss"]) == pytest.approx(float(parts["loss_action"]))
+
+
+def test_decode_fraction_limits_decoding_rows(built, cache_dir):
+    model, tok = built[1]
+    batch = make_batch(model, tok)
+    full = karma_losses(model, batch, tiny_cfg(cache_dir).loss, None)[1]["n_tokens"]
+    half = karma_losses(model, batch, tiny_cfg(cache_dir, "loss.decode_fraction=0.5").loss, None)[1]["n_tokens"]
+    assert int(half) < int(full)
+
+
+def test_export_roundtrip(built, items, cache_dir, tmp_path):
+    model, tok = built[4]
+    model.eval()
+    cfg = tiny_cfg(cache_dir, "model.n_interest=4")
+    export_model(model, tok, cfg, items, tmp_path / "export")
+    loaded = load_export(tmp_path / "export")
+    hist = [[0, 1, 2], [5, 6, 7, 8]]
+    want = model.interests(prepare_batch(collate({"user_id": [0, 1], "history": hist, "target": [0, 0],
+                                                  "query": ["", ""], "shown": [[], []]}, 10), model, tok, "cpu"))["z"]
+    assert np.allclose(loaded.interests(hist), want.detach().numpy(), atol=1e-6)
+    assert np.allclose(loaded.item_emb, model.item_embeddings().detach().numpy(), atol=1e-6)
+    assert loaded.rows_of([100, 129, 5]).tolist() == [0, 29, -1]
+    assert not any(p.suffix in (".pt", ".pkl", ".bin") for p in (tmp_path / "export").rglob("*"))
+
+
+def test_missing_export_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a KARMA export"):
+        load_export(tmp_path)
