@@ -1,0 +1,618 @@
+"""MLflow tracking and model registry for training jobs, sweeps and serving.
+
+Used only on rank 0 / the driver. Everything goes through an explicit `MlflowClient` and
+explicit run ids, so it is safe from any thread and nested runs never depend on MLflow's
+global "active run" state.
+
+Naming rules worth knowing:
+- MLflow names (metric, param and tag keys) may not contain "@", so "HR@10" is stored as
+  "HR_at_10" (see `mlflow_key`); `log_metrics` and `log_params` apply this for you.
+- MLflow reserves the alias "latest": it always means the newest version. `register_export`
+  therefore never sets it, and `alias_version` / `export_dir_of` resolve it to the newest
+  version; `set_alias` and `promote_if_better` refuse it.
+- A registered model version carries its headline metrics as tags `metric.<key>` (see
+  `metric_tags`); `promote_if_better` compares those.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import numbers
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal
+
+import mlflow
+import mlflow.pyfunc
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.entities import LoggedModelOutput, Metric, Param, RunTag, ViewType
+from mlflow.exceptions import MlflowException
+
+# MLflow 3 limits (mlflow.utils.validation): longer values are refused, not truncated.
+PARAM_VALUE_MAX = 6000
+TAG_VALUE_MAX = 8000
+_PARAMS_PER_BATCH = 100
+_METRICS_PER_BATCH = 1000
+
+_INVALID_KEY_CHARS = re.compile(r"[^\w./\- ]")
+_TERMINAL = {"FINISHED", "FAILED", "KILLED"}
+
+
+class ParamConflictError(ValueError):
+    """A param already logged on the run has a different value (MLflow params are immutable)."""
+
+
+def mlflow_key(name: str) -> str:
+    """Make `name` a legal MLflow metric/param/tag key: "@" -> "_at_", other odd chars -> "_"."""
+    return _INVALID_KEY_CHARS.sub("_", str(name).replace("@", "_at_"))
+
+
+def metric_tags(metrics: Mapping[str, float]) -> dict[str, str]:
+    """Model-version tags `metric.<key>` that `promote_if_better` reads."""
+    return {f"metric.{mlflow_key(k)}": repr(float(v)) for k, v in metrics.items()}
+
+
+def resolve_tracking_uri(explicit: str | None, default_dir: str | Path) -> str:
+    """`explicit`, else $MLFLOW_TRACKING_URI, else a sqlite store under `default_dir`."""
+    if explicit:
+        return explicit
+    env = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if env:
+        return env
+    folder = Path(default_dir).expanduser().resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder / 'mlflow.db'}"
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config -> {"train.lr": "0.001", ...}; lists as JSON; values cut to MLflow's limit."""
+    out: dict[str, str] = {}
+    for key, value in d.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, Mapping) and value:
+            out.update(flatten(value, name))
+            continue
+        if isinstance(value, Mapping):
+            text = "{}"
+        elif isinstance(value, (list, tuple)):
+            text = json.dumps(list(value), default=str)
+        else:
+            text = str(value)
+        out[name] = text[:PARAM_VALUE_MAX]
+    return out
+
+
+def _client(tracking_uri: str) -> MlflowClient:
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "x"
+
+
+def _sqlite_artifact_root(tracking_uri: str) -> Path | None:
+    """Artifacts of a sqlite store go next to the .db file. MLflow's own default is ./mlruns
+    under the current directory, which scatters artifacts wherever a job happened to start."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    db_path = tracking_uri[len("sqlite:///"):]
+    if not db_path or db_path == ":memory:":
+        return None
+    return Path(db_path).resolve().parent / "mlartifacts"
+
+
+def _experiment_id(client: MlflowClient, name: str, tracking_uri: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        root = _sqlite_artifact_root(tracking_uri)
+        location = None
+        if root is not None:
+            tag = hashlib.sha1(name.encode()).hexdigest()[:8]
+            location = (root / f"{_slug(name)}-{tag}").as_uri()
+        try:
+            return client.create_experiment(name, artifact_location=location)
+        except MlflowException:
+            # Another process created it between our get and create.
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if exp.lifecycle_stage == "deleted":
+        raise ValueError(
+            f"tracking.experiment {name!r} exists but is deleted in {tracking_uri}; restore it "
+            f"(`mlflow experiments restore --experiment-id {exp.experiment_id}`) or choose "
+            "another experiment name"
+        )
+    return exp.experiment_id
+
+
+def _quoted(value: str, field: str) -> str:
+    """Quote a string for an MLflow filter; the grammar has no escape for embedded quotes."""
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise ValueError(f"{field} {value!r} contains both ' and \"; use at most one kind of quote")
+
+
+def _as_float(value: Any) -> float | None:
+    """A finite float, or None for non-numbers (bools, strings, arrays) and NaN/inf."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, numbers.Real):
+        f = float(value)
+    elif getattr(value, "ndim", None) == 0 and hasattr(value, "item"):  # 0-d numpy / torch
+        item = value.item()
+        if isinstance(item, bool) or not isinstance(item, numbers.Real):
+            return None
+        f = float(item)
+    else:
+        return None
+    return f if math.isfinite(f) else None
+
+
+class RunTracker:
+    """One MLflow run, found again by name on resume, closed by `end` or the `with` block."""
+
+    def __init__(
+        self,
+        experiment: str,
+        run_name: str,
+        tracking_uri: str,
+        tags: Mapping[str, Any] | None = None,
+        parent_run_id: str | None = None,
+        resume: bool = True,
+    ) -> None:
+        if not experiment:
+            raise ValueError("tracking.experiment is empty; set an experiment name")
+        if not run_name:
+            raise ValueError("tracking.run_name is empty; set a run name")
+        self.tracking_uri = tracking_uri
+        self.run_name = run_name
+        # The fluent API (used by pyfunc.log_model) reads the global URIs.
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_registry_uri(tracking_uri)
+        self.client = _client(tracking_uri)
+        self._experiment_id = _experiment_id(self.client, experiment, tracking_uri)
+        self._lock = threading.Lock()
+        self._ended = False
+
+        existing = self._find_run(run_name, parent_run_id) if resume else None
+        if existing is not None:
+            self._run_id = existing.info.run_id
+            self._logged = dict(existing.data.params)
+            self.resumed = True
+            self.client.update_run(self._run_id, status="RUNNING")
+        else:
+            run_tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else {}
+            run = self.client.create_run(self._experiment_id, run_name=run_name, tags=run_tags)
+            self._run_id = run.info.run_id
+            self._logged = {}
+            self.resumed = False
+        if tags:
+            self.set_tags(tags)
+
+    def _find_run(self, run_name: str, parent_run_id: str | None):
+        runs = self.client.search_runs(
+            [self._experiment_id],
+            filter_string=f"attributes.run_name = {_quoted(run_name, 'tracking.run_name')}",
+            run_view_type=ViewType.ACTIVE_ONLY,
+            order_by=["attributes.start_time DESC"],
+            max_results=100,
+        )
+        for run in runs:
+            # A top-level job must not resume a same-named trial nested under a sweep.
+            if run.data.tags.get("mlflow.parentRunId") == parent_run_id:
+                return run
+        return None
+
+    @property
+    def run_id(self) -> str:
+        return self._run_id
+
+    @property
+    def experiment_id(self) -> str:
+        return self._experiment_id
+
+    def log_params(
+        self, params: Mapping[str, Any], on_conflict: Literal["raise", "tag"] = "raise"
+    ) -> dict[str, str]:
+        """Log a nested dict as flat params; keys already logged with the same value are skipped.
+
+        A key that already holds a different value (MLflow refuses changing a param, e.g. a
+        resumed job given more epochs) raises ParamConflictError, or with on_conflict="tag"
+        keeps the first value and records the new one as tag `param_changed.<key>`.
+        Returns what was newly logged as params.
+        """
+        if on_conflict not in ("raise", "tag"):
+            raise ValueError(f"on_conflict={on_conflict!r}: must be 'raise' or 'tag'")
+        flat = {mlflow_key(k): v for k, v in flatten(params).items()}
+        with self._lock:
+            new: dict[str, str] = {}
+            changed: dict[str, str] = {}
+            for key, value in flat.items():
+                old = self._logged.get(key)
+                if old is None:
+                    new[key] = value
+                elif old != value:
+                    if on_conflict == "tag":
+                        changed[f"param_changed.{key}"] = value
+                        continue
+                    raise ParamConflictError(
+                        f"param {key!r} of run {self.run_name!r} ({self._run_id}) was logged as "
+                        f"{old!r}, now {value!r}; MLflow params cannot change: give the job a new "
+                        "tracking.run_name, keep the original value when resuming, or pass "
+                        "on_conflict='tag'"
+                    )
+            items = [Param(k, v) for k, v in new.items()]
+            for i in range(0, len(items), _PARAMS_PER_BATCH):
+                self.client.log_batch(self._run_id, params=items[i : i + _PARAMS_PER_BATCH])
+            self._logged.update(new)
+        if changed:
+            self.set_tags(changed)
+        return new
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int) -> dict[str, float]:
+        """Log finite numeric values at `step`; non-numbers and NaN/inf are dropped.
+
+        Returns what was logged (keys as stored in MLflow)."""
+        now = int(time.time() * 1000)
+        kept: dict[str, float] = {}
+        for key, value in metrics.items():
+            f = _as_float(value)
+            if f is not None:
+                kept[mlflow_key(key)] = f
+        items = [Metric(k, v, now, int(step)) for k, v in kept.items()]
+        for i in range(0, len(items), _METRICS_PER_BATCH):
+            self.client.log_batch(self._run_id, metrics=items[i : i + _METRICS_PER_BATCH])
+        return kept
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Log a file, or a folder's contents, under `artifact_path`."""
+        p = Path(path)
+        if p.is_dir():
+            self.client.log_artifacts(self._run_id, str(p), artifact_path)
+        elif p.is_file():
+            self.client.log_artifact(self._run_id, str(p), artifact_path)
+        else:
+            raise FileNotFoundError(f"artifact path {str(p)!r} does not exist")
+
+    def log_dict(self, d: Mapping[str, Any], name: str) -> None:
+        """`name` ending in .json writes JSON, .yaml/.yml writes YAML."""
+        self.client.log_dict(self._run_id, dict(d), name)
+
+    def log_text(self, text: str, name: str) -> None:
+        self.client.log_text(self._run_id, text, name)
+
+    def log_figure(self, fig: Any, name: str) -> None:
+        self.client.log_figure(self._run_id, fig, name)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        items = [RunTag(mlflow_key(k), str(v)[:TAG_VALUE_MAX]) for k, v in tags.items()]
+        for i in range(0, len(items), _PARAMS_PER_BATCH):
+            self.client.log_batch(self._run_id, tags=items[i : i + _PARAMS_PER_BATCH])
+
+    def end(self, status: str = "FINISHED") -> None:
+        """Mark the run terminated (FINISHED, FAILED or KILLED); a second call does nothing."""
+        if status not in _TERMINAL:
+            raise ValueError(f"end(status={status!r}): status must be one of {sorted(_TERMINAL)}")
+        with self._lock:
+            if self._ended:
+                return
+            self.client.set_terminated(self._run_id, status=status)
+            self._ended = True
+
+    def __enter__(self) -> RunTracker:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> Literal[False]:
+        if exc_type is None:
+            self.end("FINISHED")
+        elif issubclass(exc_type, KeyboardInterrupt):
+            self.end("KILLED")
+        else:
+            self.end("FAILED")
+        return False
+
+
+class KarmaPyfunc(mlflow.pyfunc.PythonModel):
+    """Pyfunc wrapper so an export folder is a real registry model version.
+
+    Input: a DataFrame with a "history" column of item-id lists and an optional "query"
+    column. Output: one flat list per row (the H interest embeddings of size d, row-major).
+    The `karma` package must be importable where the model is loaded.
+    """
+
+    def load_context(self, context) -> None:
+        from karma.export import load_export  # lazy: heavy, and only needed when loading
+
+        self._model = load_export(context.artifacts["export"])
+
+    # The DataFrame hint tells MLflow not to infer a schema (history cells are lists).
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> list[list[float]]:
+        import numpy as np
+
+        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        if "history" not in frame.columns:
+            raise ValueError(
+                f"model input has columns {list(frame.columns)}; it needs a 'history' column "
+                "of item-id lists (and optionally 'query')"
+            )
+        histories = [[int(i) for i in h] for h in frame["history"]]
+        queries = [str(q) for q in frame["query"]] if "query" in frame.columns else None
+        interests = np.asarray(self._model.interests(histories, queries))
+        return [row.reshape(-1).tolist() for row in interests]
+
+
+def _requirements() -> list[str]:
+    # Explicit requirements: MLflow's inference would load the model in a subprocess.
+    reqs = []
+    for dist in ("mlflow", "numpy", "pandas", "torch"):
+        try:
+            reqs.append(f"{dist}=={metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            reqs.append(dist)
+    return reqs
+
+
+def register_export(
+    tracker: RunTracker,
+    export_dir: str | Path,
+    registered_name: str,
+    alias: str | None,
+    tags: Mapping[str, Any] | None = None,
+) -> str:
+    """Log `export_dir` as a pyfunc model of the tracker's run, register it, set `alias`.
+
+    `tags` become model-version tags (use `metric_tags` for the metrics that promotion
+    compares). Returns the new version number as a string.
+    """
+    export = Path(export_dir)
+    if not export.is_dir() or not any(export.iterdir()):
+        raise FileNotFoundError(f"export_dir {str(export)!r} is missing or empty; export first")
+    if not registered_name:
+        raise ValueError("registered_name is empty; set tracking.registered_model")
+    mlflow.set_tracking_uri(tracker.tracking_uri)
+    mlflow.set_registry_uri(tracker.tracking_uri)
+    client = tracker.client
+    # Create the logged model against the tracker's run and experiment ourselves: without an
+    # active run, log_model would otherwise file it under the default experiment.
+    logged = client.create_logged_model(
+        experiment_id=tracker.experiment_id,
+        name="model",
+        source_run_id=tracker.run_id,
+        model_type="karma-interest",
+    )
+    info = mlflow.pyfunc.log_model(
+        name="model",
+        python_model=KarmaPyfunc(),
+        artifacts={"export": str(export.resolve())},
+        registered_model_name=registered_name,
+        model_id=logged.model_id,
+        pip_requirements=_requirements(),
+    )
+    client.log_outputs(tracker.run_id, [LoggedModelOutput(logged.model_id, step=0)])
+    version = str(info.registered_model_version)
+    for key, value in (tags or {}).items():
+        client.set_model_version_tag(registered_name, version, mlflow_key(key), str(value))
+    if alias and not _is_latest(alias):  # "latest" already means this newest version
+        client.set_registered_model_alias(registered_name, alias, version)
+    tracker.set_tags({"registered_model": registered_name, "registered_version": version})
+    return version
+
+
+def _is_latest(alias: str) -> bool:
+    return alias.lower() == "latest"
+
+
+def _refuse_latest(alias: str) -> None:
+    if _is_latest(alias):
+        raise ValueError(
+            f"alias {alias!r} is reserved by MLflow for the newest version and cannot be moved; "
+            "use another alias name such as 'champion'"
+        )
+
+
+def _newest_version(client: MlflowClient, name: str) -> str | None:
+    versions = client.search_model_versions(f"name = {_quoted(name, 'registered model name')}")
+    numbers_ = [int(v.version) for v in versions]
+    return str(max(numbers_)) if numbers_ else None
+
+
+def alias_version(name: str, alias: str, tracking_uri: str) -> str | None:
+    """The version that holds `alias` ("latest": the newest), or None when there is none."""
+    client = _client(tracking_uri)
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    if _is_latest(alias):
+        return _newest_version(client, name)
+    version = model.aliases.get(alias)
+    return None if version is None else str(version)
+
+
+def set_alias(name: str, alias: str, version: str | int, tracking_uri: str) -> None:
+    _refuse_latest(alias)
+    client = _client(tracking_uri)
+    try:
+        client.get_model_version(name, str(version))
+    except MlflowException as e:
+        raise LookupError(
+            f"registered model {name!r} has no version {version!r} in {tracking_uri}"
+        ) from e
+    client.set_registered_model_alias(name, alias, str(version))
+
+
+def _model_version(client: MlflowClient, name: str, alias_or_version: str, tracking_uri: str):
+    ref = str(alias_or_version)
+    if _is_latest(ref):
+        ref = _newest_version(client, name) or ref
+    try:
+        if ref.isdigit():
+            return client.get_model_version(name, ref)
+        return client.get_model_version_by_alias(name, ref)
+    except MlflowException as e:
+        kind = "version" if ref.isdigit() else "alias"
+        raise LookupError(
+            f"registered model {name!r} has no {kind} {ref!r} in {tracking_uri}; check the name, "
+            "train with tracking.register=true, or set the alias with karma.tracking.set_alias"
+        ) from e
+
+
+def _cache_root() -> Path:
+    env = os.environ.get("KARMA_MODEL_CACHE")
+    return Path(env) if env else Path(tempfile.gettempdir()) / "karma-model-cache"
+
+
+def export_dir_of(
+    registered_name: str,
+    alias_or_version: str,
+    tracking_uri: str,
+    cache_dir: str | Path | None = None,
+) -> Path:
+    """Download the export files of a model version (by alias or number); return their folder.
+
+    Versions are immutable, so each is downloaded once into `cache_dir` (default
+    $KARMA_MODEL_CACHE, else <tmp>/karma-model-cache) and reused afterwards.
+    """
+    client = _client(tracking_uri)
+    mv = _model_version(client, registered_name, alias_or_version, tracking_uri)
+    root = Path(cache_dir) if cache_dir else _cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha1(f"{tracking_uri}|{registered_name}|{mv.version}|{mv.source}".encode())
+    target = root / f"{_slug(registered_name)}-v{mv.version}-{key.hexdigest()[:10]}"
+    marker = target / ".karma-export-path"
+    if not marker.is_file():
+        staging = Path(tempfile.mkdtemp(prefix=".dl-", dir=root))
+        try:
+            local = mlflow.artifacts.download_artifacts(
+                artifact_uri=f"models:/{registered_name}/{mv.version}",
+                dst_path=str(staging),
+                tracking_uri=tracking_uri,
+                registry_uri=tracking_uri,
+            )
+            rel = _export_subpath(Path(local))
+            (staging / marker.name).write_text(str((Path(local) / rel).relative_to(staging)))
+            try:
+                staging.rename(target)  # atomic; a concurrent downloader may have won
+            except OSError:
+                if not marker.is_file():
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return target / marker.read_text().strip()
+
+
+def _export_subpath(model_dir: Path) -> str:
+    """Where pyfunc put the "export" artifact inside a downloaded model (read from MLmodel)."""
+    from mlflow.models import Model
+
+    flavor = Model.load(str(model_dir)).flavors.get("python_function", {})
+    entry = (flavor.get("artifacts") or {}).get("export")
+    if not entry:
+        raise LookupError(
+            f"model at {model_dir} has no 'export' artifact; it was not logged by register_export"
+        )
+    return entry["path"]
+
+
+def _recorded_value(client: MlflowClient, mv, metric_key: str) -> float | None:
+    """A version's metric: its `metric.<key>` tag, else the last value on its source run."""
+    key = mlflow_key(metric_key)
+    tag = mv.tags.get(f"metric.{key}")
+    if tag is not None:
+        try:
+            value = float(tag)
+        except ValueError:
+            value = float("nan")
+        return value if math.isfinite(value) else None
+    if mv.run_id:
+        try:
+            value = client.get_run(mv.run_id).data.metrics.get(key)
+        except MlflowException:
+            return None
+        if value is not None and math.isfinite(value):
+            return float(value)
+    return None
+
+
+def promote_if_better(
+    name: str,
+    alias: str,
+    candidate_version: str | int,
+    metric_key: str,
+    candidate_value: float,
+    mode: Literal["max", "min"],
+    tracking_uri: str,
+) -> dict[str, Any]:
+    """Move `alias` to the candidate only if it beats the current holder strictly.
+
+    A holder without a recorded value for the metric is replaced (it cannot be compared).
+    Returns a record of the decision for the caller to log.
+    """
+    if mode not in ("max", "min"):
+        raise ValueError(f"mode={mode!r}: must be 'max' or 'min'")
+    _refuse_latest(alias)
+    client = _client(tracking_uri)
+    candidate_version = str(candidate_version)
+    _model_version(client, name, candidate_version, tracking_uri)  # fail early if missing
+    incumbent = alias_version(name, alias, tracking_uri)
+    incumbent_value = None
+    if incumbent is not None:
+        holder = client.get_model_version(name, incumbent)
+        incumbent_value = _recorded_value(client, holder, metric_key)
+    cand = _as_float(candidate_value)
+
+    if cand is None:
+        promoted, reason = False, "candidate value is not a finite number"
+    elif incumbent is None:
+        promoted, reason = True, "no current holder"
+    elif incumbent == candidate_version:
+        promoted, reason = False, "candidate already holds the alias"
+    elif incumbent_value is None:
+        promoted, reason = True, "current holder has no recorded value for the metric"
+    elif (cand > incumbent_value) if mode == "max" else (cand < incumbent_value):
+        promoted, reason = True, "candidate is better"
+    else:
+        promoted, reason = False, "candidate is not strictly better"
+
+    if promoted:
+        tag = f"metric.{mlflow_key(metric_key)}"
+        if tag not in client.get_model_version(name, candidate_version).tags:
+            # Record the value so the next comparison does not depend on the run's metrics.
+            client.set_model_version_tag(name, candidate_version, tag, repr(cand))
+        client.set_registered_model_alias(name, alias, candidate_version)
+    return {
+        "promoted": promoted,
+        "candidate_version": candidate_version,
+        "candidate_value": cand if cand is not None else candidate_value,
+        "incumbent_version": incumbent,
+        "incumbent_value": incumbent_value,
+        "metric": metric_key,
+        "mode": mode,
+        "alias": alias,
+        "reason": reason,
+    }
+
+
+class RunLogger:
+    """Metrics into an existing run by id: what rank 0 of a training job uses, while the
+    driver owns the run (creates, tags and closes it)."""
+
+    def __init__(self, tracking_uri: str, run_id: str) -> None:
+        self.client = _client(tracking_uri)
+        self._run_id = run_id
+
+    log_metrics = RunTracker.log_metrics

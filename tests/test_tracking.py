@@ -1,0 +1,245 @@
+"""karma.tracking against a real MLflow sqlite store in a temporary folder."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from karma.tracking import (
+    PARAM_VALUE_MAX,
+    ParamConflictError,
+    RunTracker,
+    alias_version,
+    export_dir_of,
+    flatten,
+    metric_tags,
+    mlflow_key,
+    promote_if_better,
+    register_export,
+    resolve_tracking_uri,
+    set_alias,
+)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # One sqlite store per module: creating its schema costs about a second. Tests use their
+    # own run, experiment and model names, so they do not see each other's records.
+    return tmp_path_factory.mktemp("store")
+
+
+@pytest.fixture()
+def uri(store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)  # any stray ./mlruns would land here and be caught below
+    return resolve_tracking_uri(None, store)
+
+
+def _export(folder: Path, payload: str) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text('{"d": 4}')
+    (folder / "weights").mkdir()
+    (folder / "weights" / "model.bin").write_text(payload)
+    return folder
+
+
+def test_resolve_tracking_uri_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
+    assert resolve_tracking_uri("sqlite:///x.db", tmp_path) == "sqlite:///x.db"
+    assert resolve_tracking_uri(None, tmp_path) == "http://mlflow.internal:5000"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    uri = resolve_tracking_uri(None, tmp_path / "new" / "dir")
+    assert uri == f"sqlite:///{(tmp_path / 'new' / 'dir').resolve()}/mlflow.db"
+    assert (tmp_path / "new" / "dir").is_dir()
+
+
+def test_flatten_nested_lists_and_long_values() -> None:
+    flat = flatten({"train": {"lr": 0.001, "epochs": 3}, "model": {"ks": [1, 5], "opt": {}},
+                    "name": "x" * (PARAM_VALUE_MAX + 10), "flag": True, "none": None})
+    assert flat["train.lr"] == "0.001"
+    assert flat["train.epochs"] == "3"
+    assert flat["model.ks"] == "[1, 5]"
+    assert flat["model.opt"] == "{}"
+    assert flat["flag"] == "True" and flat["none"] == "None"
+    assert len(flat["name"]) == PARAM_VALUE_MAX
+    assert all(isinstance(v, str) for v in flat.values())
+
+
+def test_mlflow_key_and_metric_tags() -> None:
+    assert mlflow_key("valid/HR@10") == "valid/HR_at_10"
+    assert mlflow_key("a:b,c") == "a_b_c"
+    assert metric_tags({"NDCG@10": 0.25}) == {"metric.NDCG_at_10": "0.25"}
+
+
+def test_params_metrics_artifacts_and_status(uri: str, store: Path, tmp_path: Path) -> None:
+    with RunTracker("exp", "job-a", uri, tags={"stage": "test"}) as tr:
+        run_id = tr.run_id
+        assert tr.log_params({"train": {"lr": 0.01, "ks": [10, 20]}}) == {
+            "train.lr": "0.01", "train.ks": "[10, 20]"}
+        # Same values again: nothing new, no error. A changed value is refused by name.
+        assert tr.log_params({"train": {"lr": 0.01}}) == {}
+        with pytest.raises(ParamConflictError, match="train.lr"):
+            tr.log_params({"train": {"lr": 0.02}})
+        for step in range(3):
+            logged = tr.log_metrics({"loss": 1.0 / (step + 1), "HR@10": np.float32(0.1 * step),
+                                     "bad": float("nan"), "inf": math.inf, "text": "x",
+                                     "flag": True}, step=step)
+            assert set(logged) == {"loss", "HR_at_10"}
+        tr.log_dict({"a": 1}, "cfg/config.json")
+        tr.log_text("hello", "notes.txt")
+        (tmp_path / "f.txt").write_text("file")
+        tr.log_artifact(tmp_path / "f.txt", "files")
+        with pytest.raises(FileNotFoundError, match="missing.txt"):
+            tr.log_artifact(tmp_path / "missing.txt")
+        import matplotlib.figure
+
+        tr.log_figure(matplotlib.figure.Figure(), "plots/empty.png")
+
+    client = MlflowClient(uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params == {"train.lr": "0.01", "train.ks": "[10, 20]"}
+    assert run.data.tags["stage"] == "test"
+    history = client.get_metric_history(run_id, "loss")
+    assert [(m.step, round(m.value, 4)) for m in history] == [(0, 1.0), (1, 0.5), (2, 0.3333)]
+    assert [m.step for m in client.get_metric_history(run_id, "HR_at_10")] == [0, 1, 2]
+    assert "bad" not in run.data.metrics and "text" not in run.data.metrics
+    names = {a.path for a in client.list_artifacts(run_id)}
+    assert {"cfg", "notes.txt", "files", "plots"} <= names
+    # Artifacts sit next to the sqlite file, not in the current directory.
+    assert not (tmp_path / "mlruns").exists()
+    assert (store / "mlartifacts").is_dir()
+
+
+def test_failed_block_marks_run_failed(uri: str) -> None:
+    with pytest.raises(RuntimeError):
+        with RunTracker("exp", "job-fail", uri) as tr:
+            raise RuntimeError("boom")
+    assert MlflowClient(uri).get_run(tr.run_id).info.status == "FAILED"
+
+
+def test_resume_by_name_and_fresh_run(uri: str) -> None:
+    first = RunTracker("exp", "job-r", uri)
+    first.log_params({"lr": 1})
+    first.log_metrics({"loss": 2.0}, step=0)
+    first.end("FAILED")
+    again = RunTracker("exp", "job-r", uri)
+    assert again.resumed and again.run_id == first.run_id
+    assert MlflowClient(uri).get_run(again.run_id).info.status == "RUNNING"
+    assert again.log_params({"lr": 1}) == {}  # identical on resume: skipped
+    with pytest.raises(ParamConflictError, match="'lr'"):
+        again.log_params({"lr": 2})
+    assert again.log_params({"lr": 2, "epochs": 5}, on_conflict="tag") == {"epochs": "5"}
+    resumed = MlflowClient(uri).get_run(again.run_id).data
+    assert resumed.params == {"lr": "1", "epochs": "5"}
+    assert resumed.tags["param_changed.lr"] == "2"
+    again.log_metrics({"loss": 1.0}, step=1)
+    again.end()
+    steps = [m.step for m in MlflowClient(uri).get_metric_history(first.run_id, "loss")]
+    assert steps == [0, 1]
+    fresh = RunTracker("exp", "job-r", uri, resume=False)
+    assert not fresh.resumed and fresh.run_id != first.run_id
+    fresh.end()
+
+
+def test_nested_child_under_parent(uri: str) -> None:
+    parent = RunTracker("sweep", "sweep-1", uri)
+    child = RunTracker("sweep", "trial-0", uri, parent_run_id=parent.run_id)
+    client = MlflowClient(uri)
+    assert client.get_run(child.run_id).data.tags["mlflow.parentRunId"] == parent.run_id
+    # Resuming the child finds it again; a top-level run of the same name is a different run.
+    child.end()
+    assert RunTracker("sweep", "trial-0", uri, parent_run_id=parent.run_id).run_id == child.run_id
+    top = RunTracker("sweep", "trial-0", uri)
+    assert top.run_id != child.run_id
+    assert "mlflow.parentRunId" not in client.get_run(top.run_id).data.tags
+    # The parent is still running: children never touch the global active run.
+    assert client.get_run(parent.run_id).info.status == "RUNNING"
+    assert mlflow.active_run() is None
+
+
+def test_register_versions_alias_and_download(uri: str, tmp_path: Path) -> None:
+    tr = RunTracker("exp", "job-reg", uri)
+    v1 = register_export(tr, _export(tmp_path / "e1", "one"), "karma-test", "latest",
+                         tags=metric_tags({"HR@10": 0.2}))
+    v2 = register_export(tr, _export(tmp_path / "e2", "two"), "karma-test", "latest")
+    assert (v1, v2) == ("1", "2")
+    # MLflow reserves "latest" for the newest version: never stored, always resolved.
+    assert alias_version("karma-test", "latest", uri) == "2"
+    assert "latest" not in MlflowClient(uri, uri).get_registered_model("karma-test").aliases
+    with pytest.raises(ValueError, match="reserved"):
+        set_alias("karma-test", "latest", "1", uri)
+    assert alias_version("karma-test", "champion", uri) is None
+    assert alias_version("no-such-model", "latest", uri) is None
+    client = MlflowClient(uri, uri)
+    mv1 = client.get_model_version("karma-test", "1")
+    assert mv1.run_id == tr.run_id and mv1.tags["metric.HR_at_10"] == "0.2"
+    assert client.get_run(tr.run_id).info.status == "RUNNING"  # registration does not end it
+
+    latest = export_dir_of("karma-test", "latest", uri, cache_dir=tmp_path / "cache")
+    assert (latest / "weights" / "model.bin").read_text() == "two"
+    assert (latest / "config.json").read_text() == '{"d": 4}'
+    first = export_dir_of("karma-test", "1", uri, cache_dir=tmp_path / "cache")
+    assert (first / "weights" / "model.bin").read_text() == "one"
+    # Cached: a second call returns the same folder without downloading again.
+    assert export_dir_of("karma-test", "2", uri, cache_dir=tmp_path / "cache") == latest
+
+    set_alias("karma-test", "champion", "1", uri)
+    assert alias_version("karma-test", "champion", uri) == "1"
+    with pytest.raises(LookupError, match="no version '9'"):
+        set_alias("karma-test", "champion", "9", uri)
+    with pytest.raises(LookupError, match="no alias 'nope'"):
+        export_dir_of("karma-test", "nope", uri, cache_dir=tmp_path / "cache")
+    with pytest.raises(FileNotFoundError, match="export_dir"):
+        register_export(tr, tmp_path / "absent", "karma-test", None)
+    tr.end()
+
+
+@pytest.mark.parametrize("mode,better,worse", [("max", 0.5, 0.1), ("min", 0.1, 0.5)])
+def test_promote_if_better(uri: str, tmp_path: Path, mode: str, better: float,
+                           worse: float) -> None:
+    tr = RunTracker("exp", f"job-{mode}", uri)
+    name = f"karma-{mode}"
+    versions = [register_export(tr, _export(tmp_path / f"e{i}", str(i)), name, "latest",
+                                tags=metric_tags({"NDCG@10": v}))
+                for i, v in enumerate([0.3, better, worse])]
+
+    first = promote_if_better(name, "champion", versions[0], "NDCG@10", 0.3, mode, uri)
+    assert first["promoted"] and first["incumbent_version"] is None
+    assert alias_version(name, "champion", uri) == versions[0]
+
+    up = promote_if_better(name, "champion", versions[1], "NDCG@10", better, mode, uri)
+    assert up["promoted"] and up["incumbent_version"] == versions[0]
+    assert up["incumbent_value"] == pytest.approx(0.3)
+    assert alias_version(name, "champion", uri) == versions[1]
+
+    down = promote_if_better(name, "champion", versions[2], "NDCG@10", worse, mode, uri)
+    assert not down["promoted"] and down["incumbent_value"] == pytest.approx(better)
+    assert alias_version(name, "champion", uri) == versions[1]
+
+    tie = promote_if_better(name, "champion", versions[2], "NDCG@10", better, mode, uri)
+    assert not tie["promoted"]  # equal is not strictly better
+    nan = promote_if_better(name, "champion", versions[2], "NDCG@10", float("nan"), mode, uri)
+    assert not nan["promoted"]
+    assert alias_version(name, "champion", uri) == versions[1]
+    assert set(up) >= {"promoted", "candidate_version", "candidate_value", "incumbent_version",
+                       "incumbent_value", "metric", "mode"}
+    with pytest.raises(ValueError, match="mode"):
+        promote_if_better(name, "champion", versions[2], "NDCG@10", 1.0, "best", uri)
+    tr.end()
+
+
+def test_promote_reads_run_metric_when_tag_missing(uri: str, tmp_path: Path) -> None:
+    tr = RunTracker("exp", "job-runmetric", uri)
+    tr.log_metrics({"NDCG@10": 0.4}, step=0)
+    v1 = register_export(tr, _export(tmp_path / "a", "a"), "karma-run", "champion")
+    other = RunTracker("exp", "job-runmetric-2", uri)
+    v2 = register_export(other, _export(tmp_path / "b", "b"), "karma-run", None)
+    rec = promote_if_better("karma-run", "champion", v2, "NDCG@10", 0.35, "max", uri)
+    assert rec["incumbent_version"] == v1 and rec["incumbent_value"] == pytest.approx(0.4)
+    assert not rec["promoted"] and alias_version("karma-run", "champion", uri) == v1
