@@ -117,7 +117,7 @@ class TrackingConfig:
     tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite under runs/
     register: bool = True
     registered_model: str | None = None  # default: the experiment's name
-    alias: str = "latest"
+    alias: str = "candidate"  # set on each new version; Tune moves "champion" separately
 
 
 @dataclass

@@ -51,10 +51,11 @@ class ItemEncoder(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         x = self.mlp_id(self.id_emb(ids))
+        # Frozen buffers keep their dtype when an engine casts the parameters (bf16).
         if self.mlp_txt is not None:
-            x = x + self.mlp_txt(self.text_emb[ids])
+            x = x + self.mlp_txt(self.text_emb[ids].to(x.dtype))
         if self.mlp_img is not None:
-            x = x + self.mlp_img(self.image_emb[ids])
+            x = x + self.mlp_img(self.image_emb[ids].to(x.dtype))
         return self.norm(x)
 
 
@@ -89,7 +90,8 @@ class KarmaModel(nn.Module):
         self.item_head = nn.Linear(hidden, cfg.embed_dim)
         self.mix_head = nn.Linear(hidden, cfg.n_interest) if cfg.head_reduce == "mixture" else None
         self.rec_proj = nn.Linear(cfg.embed_dim, cfg.rec_soft_tokens * hidden)
-        self.log_tau = nn.Parameter(torch.tensor(math.log(tau_init)), requires_grad=learn_tau)
+        # shape [1], not a scalar: DeepSpeed broadcasts parameters as byte views, which 0-d refuses
+        self.log_tau = nn.Parameter(torch.full((1,), math.log(tau_init)), requires_grad=learn_tau)
         self.register_buffer("item_tokens", item_tokens.long())  # [N, T] target text, EOS, padding
         self.register_buffer("item_token_len", item_token_len.long())  # [N] text + EOS lengths
 
@@ -104,7 +106,7 @@ class KarmaModel(nn.Module):
 
     @property
     def tau(self) -> torch.Tensor:
-        return self.log_tau.exp().clamp(min=1e-3)
+        return self.log_tau.exp().clamp(min=1e-3)[0]
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         return self.backbone.get_input_embeddings()(ids)

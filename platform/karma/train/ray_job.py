@@ -1,0 +1,161 @@
+"""The Ray Train assembly: data to Parquet (in a Ray task, not on the driver), Ray Data into
+the workers, a TorchTrainer with fault tolerance and score-kept checkpoints, then the MLflow
+run and registry. Called by jobs/train.py and, per trial, by the Tune sweep."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import ray
+import ray.train
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from karma.config import Config, ConfigError
+from karma.train.worker import train_loop_per_worker
+
+
+@dataclass
+class TrainResult:
+    metrics: dict  # the last reported (validation) metrics
+    checkpoint_dir: Path | None  # local copy of the final checkpoint (holds export/ and report/)
+    export_dir: Path | None
+    run_id: str | None  # MLflow run
+    model_version: str | None  # registered model version
+    steps: int
+
+
+@ray.remote
+def prepare_data(cfg_dict: dict, out_dir: str) -> dict:
+    """Load, validate and split the data; write examples as Parquet for Ray Data.
+    Runs as a Ray task so the driver never holds the data set."""
+    from karma.config import from_dict
+    from karma.data import to_arrow
+    from karma.pipeline import prepare
+    import pyarrow.parquet as pq
+
+    cfg = from_dict(cfg_dict)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    prep = prepare(cfg.data, log=lambda m: print(f"[karma] {m}", flush=True))
+    pq.write_table(to_arrow(prep.split.train), out / "train.parquet", row_group_size=4096)
+    valid = prep.split.valid
+    if cfg.train.eval_max_users:
+        valid = valid.sample(n=min(len(valid), cfg.train.eval_max_users), random_state=0).sort_index()
+    valid.to_parquet(out / "valid.parquet")
+    prep.split.test.to_parquet(out / "test.parquet")
+    prep.data.items.to_parquet(out / "items.parquet")
+    np.save(out / "counts.npy", prep.counts)
+    return {"n_train": len(prep.split.train), "n_valid": len(valid), "n_items": prep.data.n_items}
+
+
+def check_resources(cfg: Config) -> None:
+    """Fail fast when the cluster cannot host the requested workers."""
+    have = ray.cluster_resources()
+    # One CPU stays free for Ray Data's read tasks: without it the pipeline starves and hangs.
+    need_cpu = cfg.dist.num_workers * cfg.dist.cpus_per_worker + 1
+    if need_cpu > have.get("CPU", 0):
+        raise ConfigError(
+            f"dist.num_workers={cfg.dist.num_workers} x dist.cpus_per_worker={cfg.dist.cpus_per_worker} "
+            f"plus 1 CPU for data loading needs {need_cpu} CPUs but the cluster has {have.get('CPU', 0):g}; "
+            "lower dist.num_workers or add nodes")
+    if cfg.dist.use_gpu and cfg.dist.num_workers > have.get("GPU", 0):
+        raise ConfigError(
+            f"dist.num_workers={cfg.dist.num_workers} GPU workers but the cluster has {have.get('GPU', 0):g} "
+            "GPUs; lower dist.num_workers or set dist.use_gpu=false")
+
+
+def init_ray(cfg: Config) -> None:
+    """Join the cluster named by RAY_ADDRESS (as under `ray job submit`), else start a local one."""
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+        return
+    # A local cluster: one logical CPU more than the cores, for the data pipeline beside the
+    # workers (CPU counts are scheduling slots; the readers are light).
+    env = {"OMP_NUM_THREADS": str(cfg.dist.omp_threads)} if not cfg.dist.use_gpu else {}
+    ray.init(num_cpus=(os.cpu_count() or 1) + 1, runtime_env={"env_vars": env} if env else None)
+
+
+def steps_plan(cfg: Config, n_train: int) -> tuple[int, int]:
+    """(optimizer steps per epoch, total steps) given equal shards and no ragged batches."""
+    per_epoch = n_train // (cfg.train.batch_size * cfg.dist.num_workers * cfg.train.grad_accum)
+    if per_epoch < 1:
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} x dist.num_workers={cfg.dist.num_workers} exceeds the "
+            f"{n_train} training examples; lower the batch size or the worker count")
+    total = per_epoch * cfg.train.epochs
+    return per_epoch, min(total, cfg.train.max_steps) if cfg.train.max_steps > 0 else total
+
+
+def fit(cfg: Config, run_root: Path, mlflow_run_id: str | None = None, tracking_uri: str | None = None,
+        log=print) -> tuple[ray.train.Result, dict]:
+    """Run the Ray Train job; returns Ray's result and the data summary."""
+    check_resources(cfg)
+    data_dir = run_root / "data"
+    summary = ray.get(prepare_data.remote(cfg.to_dict(), str(data_dir)))
+    per_epoch, total = steps_plan(cfg, summary["n_train"])
+    log(f"training {total} steps ({per_epoch}/epoch) on {cfg.dist.num_workers} workers, "
+        f"ZeRO-{cfg.dist.zero_stage} {cfg.dist.precision}")
+    ray.data.DataContext.get_current().enable_progress_bars = False  # one line per step is ours
+    train_ds = ray.data.read_parquet(str(data_dir / "train.parquet"))
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.to_dict(), "data_dir": str(data_dir), "steps_per_epoch": per_epoch,
+                           "total_steps": total, "mlflow_run_id": mlflow_run_id, "tracking_uri": tracking_uri},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.dist.num_workers, use_gpu=cfg.dist.use_gpu,
+            resources_per_worker={"CPU": cfg.dist.cpus_per_worker, **({"GPU": 1} if cfg.dist.use_gpu else {})}),
+        run_config=ray.train.RunConfig(
+            name=cfg.tracking.run_name, storage_path=str(run_root.parent.resolve() / "ray"),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.dist.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.dist.keep_checkpoints, checkpoint_score_attribute="NDCG@10",
+                checkpoint_score_order="max")),
+        torch_config=TorchConfig(backend="nccl" if cfg.dist.use_gpu else "gloo"),
+        datasets={"train": train_ds},
+    )
+    return trainer.fit(), summary
+
+
+def storage_root(cfg: Config) -> Path:
+    root = cfg.dist.storage_path
+    if "://" in root:
+        raise ConfigError("dist.storage_path: give a local or mounted shared folder for this job "
+                          "(object-store URIs are not supported by the export step yet)")
+    return Path(root).resolve()
+
+
+def run_training(cfg: Config, log=print, parent_run_id: str | None = None) -> TrainResult:
+    """The whole training job: Ray Train fit, MLflow run, export registration."""
+    from karma.tracking import RunTracker, metric_tags, register_export, resolve_tracking_uri
+
+    init_ray(cfg)
+    root = storage_root(cfg)
+    run_root = root / cfg.tracking.run_name
+    uri = resolve_tracking_uri(cfg.tracking.tracking_uri, root)
+    with RunTracker(cfg.tracking.experiment, cfg.tracking.run_name, uri, parent_run_id=parent_run_id,
+                    tags={"karma.config_digest": cfg.digest()}) as tracker:
+        tracker.log_params(cfg.to_dict(), on_conflict="tag")  # a resumed run may change epochs
+        tracker.log_dict(cfg.to_dict(), "config.json")
+        result, summary = fit(cfg, run_root, tracker.run_id, uri, log)
+        if result.error:
+            raise result.error
+        metrics = dict(result.metrics or {})
+        ckpt_dir = export_dir = version = None
+        if result.checkpoint is not None:
+            ckpt_dir = Path(result.checkpoint.to_directory(str(run_root / "final")))
+            if (ckpt_dir / "report").is_dir():
+                for f in sorted((ckpt_dir / "report").iterdir()):
+                    tracker.log_artifact(f, "report")
+            if (ckpt_dir / "export").is_dir():
+                export_dir = ckpt_dir / "export"
+                if cfg.tracking.register:
+                    name = cfg.tracking.registered_model or cfg.tracking.experiment
+                    tags = metric_tags({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+                    version = register_export(tracker, export_dir, name, cfg.tracking.alias, tags=tags)
+                    log(f"registered {name} version {version} (alias {cfg.tracking.alias})")
+        return TrainResult(metrics, ckpt_dir, export_dir, tracker.run_id, version, int(metrics.get("step", 0)))
