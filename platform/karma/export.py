@@ -128,7 +128,11 @@ def load_export(path: str | Path, device: str = "cpu", dtype: str | None = None)
     model.load_state_dict(state, strict=True)
     torch_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[dtype or meta["dtype"]]
     dev = torch.device(device)
-    model.to(dev, dtype=torch_dtype).eval()
+    model.to(dev).eval()
+    # Cast parameters only, as the training engines do: buffers such as RoPE's inverse
+    # frequencies stay fp32, so the reloaded model computes what the trained one did.
+    for p in model.parameters():
+        p.data = p.data.to(torch_dtype)
     table = pq.read_table(path / "items.parquet")
     emb = np.asarray(table.column("embedding").combine_chunks().flatten(), dtype=np.float32).reshape(table.num_rows, -1)
     items = table.drop(["embedding"]).to_pandas()

@@ -105,6 +105,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     sampler = NegativeSampler(counts, cfg.loss.n_negatives, seed=cfg.train.seed * 1000 + rank)
     state = _restore(engine, sampler, rank, log)
     tracker = _tracker(loop_config) if rank == 0 else None
+    if tracker is not None and state["step"]:
+        tracker.log_metrics({"train/resumed_from_step": state["step"]}, step=state["step"])
 
     shard = ray.train.get_dataset_shard("train")
     progress = Progress(total, cfg.train.log_every, log)
