@@ -1,0 +1,465 @@
+"""Ray Serve app for a KARMA model: interest embeddings, recall top-K and ranking features.
+
+    serve run serve_apps.ranker:app_builder export_path=/path/to/export
+    serve run serve_apps.ranker:app_builder registered_name=karma-tiny alias=champion
+    serve deploy serve_apps/ranker.yaml
+
+Startup-only settings come from the builder's args (limits, auth token, body limit, threads,
+replicas, logging). What can change while serving lives in the deployment's user_config:
+
+    {"model": {"registered_name": ..., "alias": "champion"} | {"export_path": ...},
+     "batching": {"enabled": true, "batch_wait_timeout_s": 0.0, "max_batch_size": 16},
+     "revision": 3}
+
+Pushing a changed user_config re-resolves the alias on every replica and, when it points at
+another version, loads that version beside the old one and swaps it in: requests already
+validated against the old model finish on it, so a version switch fails no request.
+"""
+
+# No `from __future__ import annotations`: FastAPI must see the real request types of the
+# class-based routes.
+import asyncio
+import hmac
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+from fastapi import Depends, FastAPI, Request, Security
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError,
+                      field_validator)
+from ray import serve
+from starlette.exceptions import HTTPException
+
+from karma.serving import Job, ModelHandle, ModelSpec, RequestError, ServingLimits, build_job, run_jobs
+
+logger = logging.getLogger("ray.serve")
+
+DEFAULT_BODY_BYTES = 256 * 1024
+API_VERSION = "v1"
+
+
+# ---- request / response schemas (they make the OpenAPI document) ------------------------------
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is an error, not ignored
+
+
+class InterestsRequest(_Strict):
+    history: list[StrictInt] = Field(description="item ids the user interacted with, oldest first")
+    query: StrictStr | None = Field(default=None, description="optional search query")
+
+
+class RecallRequest(InterestsRequest):
+    k: StrictInt = Field(default=100, description="how many items to return")
+    exclude_history: StrictBool = Field(default=True, description="leave the history's items out")
+
+
+class RankRequest(InterestsRequest):
+    candidates: list[StrictInt] = Field(description="item ids to compute ranking features for")
+
+
+class ReloadRequest(_Strict):
+    force: StrictBool = Field(default=False, description="reload even if the version is unchanged")
+
+
+class InterestsResponse(BaseModel):
+    interests: list[list[float]] = Field(description="H interest embeddings of size d")
+    model_version: str | None
+
+
+class ScoredItem(BaseModel):
+    item_id: int
+    score: float
+
+
+class RecallResponse(BaseModel):
+    items: list[ScoredItem] = Field(description="best first; max over heads of the inner product")
+    model_version: str | None
+
+
+class CandidateFeatures(BaseModel):
+    item_id: int
+    head_scores: list[float] = Field(description="inner product with each interest head")
+    max: float
+    mixture: float = Field(description="softmax(mixture logits)-weighted head scores; = max for a max-reduce model")
+    cosine: float = Field(description="cosine of the mean interest vector with the item")
+
+
+class UserFeatures(BaseModel):
+    history_length: int
+    n_heads: int
+    interest_norm_mean: float
+    interest_norm_min: float
+    interest_norm_max: float
+    mean_interest_norm: float
+    head_pairwise_cosine: float = Field(description="mean cosine between heads (1 = identical heads)")
+    mixture_weights: list[float] | None
+
+
+class RankResponse(BaseModel):
+    features: list[CandidateFeatures] = Field(description="one entry per candidate, in request order")
+    user: UserFeatures
+    model_version: str | None
+
+
+class ModelInfo(BaseModel):
+    registered_name: str | None
+    version: str | None
+    alias: str | None
+    config_digest: str | None
+    n_items: int
+    n_heads: int
+    embed_dim: int
+    head_reduce: str
+    max_history: int
+    karma_version: str | None
+    source: str
+    loaded_at: str
+    replica: str
+    last_reload_error: str | None
+
+
+class ReloadResponse(BaseModel):
+    reloaded: bool
+    model: ModelInfo
+
+
+# ---- settings --------------------------------------------------------------------------------
+
+
+class BatchingConfig(_Strict):
+    enabled: StrictBool = True
+    max_batch_size: int | None = Field(default=None, ge=1, le=1024)  # default: limits.max_batch_requests
+    batch_wait_timeout_s: float = Field(default=0.0, ge=0.0, le=1.0)
+
+
+class UserConfig(_Strict):
+    """The deployment's user_config: what may change while serving."""
+
+    model: dict[str, Any]
+    batching: BatchingConfig = BatchingConfig()
+    revision: int | str = 0  # change it to make Serve call reconfigure (re-resolve the alias)
+
+
+class RankerArgs(BaseModel):
+    """The application builder's args (strings from `serve run ... key=value` are coerced)."""
+
+    model_config = ConfigDict(extra="forbid")
+    # model: one of export_path / registered_name (also settable through user_config)
+    export_path: str | None = None
+    registered_name: str | None = None
+    alias: str | None = None
+    version: str | None = None
+    tracking_uri: str | None = None
+    dtype: str | None = None
+    index: str = "flat"
+    # batching (the default user_config)
+    batching: bool = True
+    max_batch_size: int | None = None
+    batch_wait_timeout_s: float = 0.0
+    revision: int | str = 0
+    # startup-only
+    limits: dict[str, Any] = {}
+    max_body_bytes: int = Field(default=DEFAULT_BODY_BYTES, ge=1024)
+    auth_token: str | None = None  # else $KARMA_SERVE_TOKEN on the replica; empty = no auth
+    torch_threads: int = Field(default=1, ge=1)
+    # deployment options
+    num_replicas: int | str = 1
+    max_ongoing_requests: int = Field(default=64, ge=1)
+    ray_actor_options: dict[str, Any] = {"num_cpus": 1}
+    access_log: bool = False
+    log_level: str = "WARNING"
+
+    @field_validator("num_replicas", mode="before")
+    @classmethod
+    def _replicas(cls, v: Any) -> Any:
+        return int(v) if isinstance(v, str) and v.isdigit() else v
+
+
+# ---- errors as 4xx bodies that name the field ------------------------------------------------
+
+
+def _field_of(loc: tuple | list) -> str:
+    parts = list(loc[1:] if loc and loc[0] in ("body", "query", "header", "path") else loc)  # [where, *field]
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "body"
+
+
+def _error(status: int, field: str, detail: str, headers: dict | None = None, **extra) -> JSONResponse:
+    return JSONResponse({"field": field, "detail": detail, **extra}, status_code=status, headers=headers)
+
+
+app = FastAPI(title="KARMA ranker", version=API_VERSION,
+              description="Interest embeddings, recall top-K and ranking features of a KARMA model.")
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = [{"field": _field_of(e.get("loc", ())), "message": e.get("msg", ""), "type": e.get("type", "")}
+              for e in exc.errors()]
+    first = errors[0] if errors else {"field": "body", "message": "invalid request", "type": ""}
+    status = 400 if first["type"] == "json_invalid" else 422
+    field = "body" if status == 400 else first["field"]
+    return _error(status, field, f"{field}: {first['message']}", errors=jsonable_encoder(errors))
+
+
+@app.exception_handler(RequestError)
+async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
+    return _error(422, exc.field, str(exc))  # well-formed JSON with a bad value
+
+
+@app.exception_handler(HTTPException)
+async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
+    d = exc.detail if isinstance(exc.detail, dict) else {"field": "", "detail": str(exc.detail)}
+    return _error(exc.status_code, d.get("field", ""), d.get("detail", ""), headers=exc.headers)
+
+
+class BodyLimit:
+    """Refuse request bodies over the replica's byte limit with 413, before any parsing.
+
+    Bodies without a Content-Length (chunked) are read up to the limit and replayed."""
+
+    def __init__(self, asgi_app) -> None:
+        self.app = asgi_app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = _replica().max_body_bytes
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None:
+            if not length.isdigit() or int(length) > limit:
+                return await self._too_large(scope, receive, send, limit)
+            return await self.app(scope, receive, send)
+        body, more = b"", True
+        while more:
+            msg = await receive()
+            if msg["type"] != "http.request":
+                return await self.app(scope, _replay([msg]), send)
+            body += msg.get("body", b"")
+            more = msg.get("more_body", False)
+            if len(body) > limit:
+                return await self._too_large(scope, receive, send, limit)
+        return await self.app(scope, _replay([{"type": "http.request", "body": body, "more_body": False}]), send)
+
+    @staticmethod
+    async def _too_large(scope, receive, send, limit: int) -> None:
+        resp = _error(413, "body", f"body: request body is larger than the limit of {limit} bytes")
+        await resp(scope, receive, send)
+
+
+def _replay(messages: list[dict]):
+    queue = list(messages)
+
+    async def receive() -> dict:
+        return queue.pop(0) if queue else {"type": "http.disconnect"}
+
+    return receive
+
+
+app.add_middleware(BodyLimit)
+_bearer = HTTPBearer(auto_error=False, description="required when the server has an auth token")
+
+
+def _replica() -> "Ranker":
+    # The FastAPI app is copied into each replica; the replica's settings live on its instance.
+    return serve.get_replica_context().servable_object  # type: ignore[return-value]
+
+
+async def require_token(creds: HTTPAuthorizationCredentials | None = Security(_bearer)) -> None:
+    token = _replica().auth_token
+    if not token:
+        return
+    if creds is None:
+        raise HTTPException(401, {"field": "Authorization", "detail": "Authorization: missing bearer token"},
+                            headers={"WWW-Authenticate": "Bearer"})
+    if not hmac.compare_digest(creds.credentials.encode(), token.encode()):
+        raise HTTPException(401, {"field": "Authorization", "detail": "Authorization: invalid bearer token"},
+                            headers={"WWW-Authenticate": "Bearer"})
+
+
+_auth = [Depends(require_token)]
+
+
+# ---- the deployment --------------------------------------------------------------------------
+
+
+@serve.deployment(name="Ranker", max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
+@serve.ingress(app)
+class Ranker:
+    def __init__(self, limits: dict | None = None, max_body_bytes: int = DEFAULT_BODY_BYTES,
+                 auth_token: str | None = None, torch_threads: int = 1) -> None:
+        torch.set_num_threads(torch_threads)  # replicas share few cores: no oversubscription
+        self.limits = ServingLimits.from_dict(limits)
+        self.max_body_bytes = int(max_body_bytes)
+        self.auth_token = auth_token if auth_token is not None else os.environ.get("KARMA_SERVE_TOKEN") or None
+        self.handle: ModelHandle | None = None
+        self.spec: ModelSpec | None = None
+        self.batching = True
+        self.last_reload_error: str | None = None
+        # one thread runs the model (calls are serialised; torch already uses the threads it has);
+        # another loads new versions so inference goes on during a reload
+        self._infer_pool = ThreadPoolExecutor(1, thread_name_prefix="karma-infer")
+        self._load_pool = ThreadPoolExecutor(1, thread_name_prefix="karma-load")
+        self._reload_lock = asyncio.Lock()
+        self._batched.set_max_batch_size(self.limits.max_batch_requests)
+
+    # -- model lifecycle --
+
+    async def reconfigure(self, user_config: dict) -> None:
+        try:
+            cfg = UserConfig.model_validate(user_config)
+            spec = ModelSpec.from_dict(cfg.model)
+        except (ValidationError, ValueError) as e:
+            raise ValueError(f"invalid user_config: {e}") from e
+        b = cfg.batching
+        self.batching = b.enabled
+        self._batched.set_max_batch_size(b.max_batch_size or self.limits.max_batch_requests)
+        self._batched.set_batch_wait_timeout_s(b.batch_wait_timeout_s)
+        await self._reload(spec, force=False)
+
+    async def _reload(self, spec: ModelSpec, force: bool) -> bool:
+        """Load `spec` if it names another model than the current one; swap it in atomically."""
+        loop = asyncio.get_running_loop()
+        async with self._reload_lock:
+            try:
+                version = await loop.run_in_executor(self._load_pool, spec.resolve_version)
+                cur = self.handle
+                if cur is not None and not force and cur.spec == spec and cur.version == version:
+                    self.spec, self.last_reload_error = spec, None  # what is asked for is served
+                    return False
+                new = await loop.run_in_executor(self._load_pool, ModelHandle.load, spec, version)
+            except Exception as e:
+                if self.handle is None:
+                    raise  # a replica without a model must not start
+                # keep serving the old model; the failure is visible in /v1/model and the log
+                self.last_reload_error = f"{type(e).__name__}: {e}"
+                logger.error("model reload failed, still serving version %s: %s", self.handle.version,
+                             self.last_reload_error)
+                return False
+            self.handle, self.spec, self.last_reload_error = new, spec, None
+            return True
+
+    def check_health(self) -> None:
+        if self.handle is None:
+            raise RuntimeError("no model loaded: the deployment needs user_config.model")
+
+    # -- model calls --
+
+    def _current(self) -> ModelHandle:
+        if self.handle is None:
+            raise HTTPException(503, {"field": "", "detail": "model not loaded yet"})
+        return self.handle
+
+    async def _answer(self, handle: ModelHandle, job: Job) -> dict:
+        if self.batching:
+            return await self._batched((handle, job))
+        loop = asyncio.get_running_loop()
+        return (await loop.run_in_executor(self._infer_pool, run_jobs, [(handle, job)]))[0]
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
+    async def _batched(self, work: list[tuple[ModelHandle, Job]]) -> list[dict]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._infer_pool, run_jobs, work)
+
+    def _job(self, kind: str, **fields) -> tuple[ModelHandle, Job]:
+        handle = self._current()  # validate and answer on the same model, even across a swap
+        return handle, build_job(kind, handle, self.limits, **fields)
+
+    # -- endpoints --
+
+    @app.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok" if self.handle is not None else "loading"}
+
+    @app.get(f"/{API_VERSION}/model", response_model=ModelInfo, dependencies=_auth)
+    async def model_info(self) -> dict:
+        return self._info()
+
+    def _info(self) -> dict:
+        info = self._current().info()
+        info.update(replica=serve.get_replica_context().replica_tag, last_reload_error=self.last_reload_error)
+        return info
+
+    @app.post(f"/{API_VERSION}/interests", response_model=InterestsResponse, dependencies=_auth)
+    async def interests(self, req: InterestsRequest) -> dict:
+        handle, job = self._job("interests", history=req.history, query=req.query)
+        out = await self._answer(handle, job)
+        return {"interests": out["interests"].tolist(), "model_version": handle.version}
+
+    @app.post(f"/{API_VERSION}/recall", response_model=RecallResponse, dependencies=_auth)
+    async def recall(self, req: RecallRequest) -> dict:
+        handle, job = self._job("recall", history=req.history, query=req.query, k=req.k,
+                                exclude_history=req.exclude_history)
+        out = await self._answer(handle, job)
+        items = [{"item_id": i, "score": s} for i, s in zip(out["item_ids"].tolist(), out["scores"].tolist())]
+        return {"items": items, "model_version": handle.version}
+
+    @app.post(f"/{API_VERSION}/rank", response_model=RankResponse, dependencies=_auth)
+    async def rank(self, req: RankRequest) -> dict:
+        handle, job = self._job("rank", history=req.history, query=req.query, candidates=req.candidates)
+        out = await self._answer(handle, job)
+        heads = out["head_scores"].tolist()
+        feats = [{"item_id": i, "head_scores": h, "max": m, "mixture": x, "cosine": c}
+                 for i, h, m, x, c in zip(out["item_ids"].tolist(), heads, out["max"].tolist(),
+                                          out["mixture"].tolist(), out["cosine"].tolist())]
+        return {"features": feats, "user": out["user"], "model_version": handle.version}
+
+    @app.post(f"/{API_VERSION}/noop", dependencies=_auth)
+    async def noop(self, req: RecallRequest) -> dict:
+        """Same ingress, parsing and auth as /v1/recall, no model work: the latency floor."""
+        return {"ok": True, "n": len(req.history)}
+
+    @app.post(f"/{API_VERSION}/admin/reload", response_model=ReloadResponse, dependencies=_auth)
+    async def admin_reload(self, req: ReloadRequest | None = None) -> dict:
+        """Re-resolve this replica's model (e.g. after an alias move). Reaches only the replica
+        that takes the request: with several replicas push a new user_config instead."""
+        if not self.auth_token:
+            raise HTTPException(403, {"field": "Authorization",
+                                      "detail": "Authorization: admin endpoints need the server's auth token set"})
+        if self.spec is None:
+            raise HTTPException(503, {"field": "", "detail": "model not loaded yet"})
+        reloaded = await self._reload(self.spec, force=bool(req and req.force))
+        if self.last_reload_error:
+            raise HTTPException(500, {"field": "", "detail": f"reload failed: {self.last_reload_error}"})
+        return {"reloaded": reloaded, "model": self._info()}
+
+
+# ---- application builder ---------------------------------------------------------------------
+
+
+def user_config_of(a: RankerArgs) -> dict | None:
+    model = {k: v for k, v in (("export_path", a.export_path), ("registered_name", a.registered_name),
+                                ("alias", a.alias), ("version", a.version), ("tracking_uri", a.tracking_uri),
+                                ("dtype", a.dtype), ("index", a.index)) if v is not None}
+    if not (a.export_path or a.registered_name):
+        return None  # the deploy config's user_config must name the model
+    ModelSpec.from_dict(model)  # fail at build time, not on the replicas
+    batching = {"enabled": a.batching, "batch_wait_timeout_s": a.batch_wait_timeout_s}
+    if a.max_batch_size is not None:
+        batching["max_batch_size"] = a.max_batch_size
+    return {"model": model, "revision": a.revision, "batching": batching}
+
+
+def app_builder(args: dict) -> serve.Application:
+    """Build the app from a dict of args (see RankerArgs); usable by `serve run` / `serve deploy`."""
+    a = RankerArgs.model_validate(dict(args or {}))
+    ServingLimits.from_dict(a.limits)
+    options: dict[str, Any] = {
+        "num_replicas": a.num_replicas, "max_ongoing_requests": a.max_ongoing_requests,
+        "ray_actor_options": a.ray_actor_options,
+        "logging_config": {"enable_access_log": a.access_log, "log_level": a.log_level},
+    }
+    uc = user_config_of(a)
+    if uc is not None:
+        options["user_config"] = uc
+    return Ranker.options(**options).bind(a.limits, a.max_body_bytes, a.auth_token, a.torch_threads)

@@ -1,0 +1,453 @@
+"""The Serve app end to end: one real Ray + Serve session for the module, the app deployed with
+`serve deploy` from serve_apps/ranker.yaml (its model in a real MLflow sqlite registry), HTTP on
+127.0.0.1 through httpx. Two tiny trained models are registered as versions 1 and 2."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import ray
+import torch
+import yaml
+from ray import serve
+
+from conftest import tiny_cfg
+from karma.data import collate
+from karma.export import export_model, load_export
+from karma.losses import head_scores
+from karma.retrieval import exact_topk
+from karma.step import prepare_batch
+from karma.tracking import RunTracker, register_export, set_alias
+from karma.train.plain import train_plain
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # serve_apps, as the replicas import it
+TOKEN = "serve-test-token"
+NAME = "karma-serve-test"
+ATOL = 1e-5  # fp32 model on CPU; batched (padded) and lone forward passes agree to ~1e-7
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---- fixtures ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory, cache_dir) -> list[Path]:
+    """Version 1 and version 2: same architecture (2 heads, mixture), other seed and steps."""
+    out = []
+    for seed, steps in ((0, 20), (1, 10)):
+        cfg = tiny_cfg(cache_dir, "model.n_interest=2", "model.head_reduce=mixture", f"train.seed={seed}",
+                       f"train.max_steps={steps}", "train.eval_max_users=50")
+        r = train_plain(cfg, log=lambda *_: None)
+        out.append(export_model(r["model"], r["tokenizer"], cfg, r["prepared"].data.items,
+                                tmp_path_factory.mktemp(f"export-v{seed + 1}")))
+    return out
+
+
+@pytest.fixture(scope="module")
+def registry(exports, tmp_path_factory) -> str:
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    with RunTracker("serve-test", "v1", uri) as t:
+        assert register_export(t, exports[0], NAME, "champion") == "1"
+    with RunTracker("serve-test", "v2", uri) as t:
+        assert register_export(t, exports[1], NAME, None) == "2"
+    return uri
+
+
+class Server:
+    def __init__(self, cfg: dict, dashboard: str, url: str, uri: str, tmp: Path) -> None:
+        self.cfg, self.dashboard, self.url, self.uri, self.tmp = cfg, dashboard, url, uri, tmp
+        self.client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
+
+    def deploy(self) -> None:
+        """`serve deploy` of self.cfg (returns once the cluster accepted it)."""
+        path = self.tmp / f"ranker-{time.monotonic_ns()}.yaml"
+        path.write_text(yaml.safe_dump(self.cfg))
+        serve_cli = Path(sys.executable).parent / "serve"
+        r = subprocess.run([str(serve_cli), "deploy", str(path), "-a", self.dashboard],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+
+    def wait_running(self, timeout: float = 120) -> None:
+        end = time.time() + timeout
+        while time.time() < end:
+            app = serve.status().applications.get("ranker")
+            if app is not None and app.status == "DEPLOY_FAILED":
+                raise AssertionError(f"deploy failed: {app.message}")
+            dep = app.deployments.get("Ranker") if app else None
+            if app is not None and app.status == "RUNNING" and dep and dep.replica_states.get("RUNNING") == 2:
+                return
+            time.sleep(0.25)
+        raise AssertionError(f"app not running after {timeout}s: {serve.status()}")
+
+
+@pytest.fixture(scope="module")
+def server(registry, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serve")
+    env = {"PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "platform")]), "OMP_NUM_THREADS": "1",
+           "KARMA_MODEL_CACHE": str(tmp / "model-cache")}
+    port, dport = _free_port(), _free_port()
+    # address="local": always a fresh cluster of our own, never one that happens to run here
+    ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=dport, runtime_env={"env_vars": env}, log_to_driver=False)
+    try:
+        cfg = yaml.safe_load((ROOT / "serve_apps" / "ranker.yaml").read_text())
+        cfg["http_options"]["port"] = port
+        app = cfg["applications"][0]
+        app["runtime_env"] = {"env_vars": env}
+        app["args"]["auth_token"] = TOKEN
+        dep = app["deployments"][0]
+        assert dep["num_replicas"] == 2
+        dep["ray_actor_options"]["num_cpus"] = 0.5
+        dep["user_config"]["model"] = {"registered_name": NAME, "alias": "champion", "tracking_uri": registry}
+        dep["user_config"]["batching"]["batch_wait_timeout_s"] = 0.005
+        s = Server(cfg, f"http://127.0.0.1:{dport}", f"http://127.0.0.1:{port}", registry, tmp)
+        s.deploy()
+        s.wait_running()
+        yield s
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _replicas() -> list[str]:
+    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a["name"].startswith("SERVE_REPLICA::ranker#"))
+
+
+def _item_ids(export: Path) -> np.ndarray:
+    return load_export(export).items["item_id"].to_numpy()
+
+
+class Load:
+    """A bounded closed-loop load: `threads` clients posting one request until stopped."""
+
+    def __init__(self, url: str, path: str, body: dict, threads: int = 4) -> None:
+        self.url, self.path, self.body, self.n = url, path, body, threads
+        self.results: list[tuple[float, int | None, str | None]] = []  # (time, status, version)
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+
+    def _run(self) -> None:
+        with httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30) as c:
+            while not self._stop.is_set():
+                t = time.time()
+                try:
+                    r = c.post(self.path, json=self.body)
+                    version = r.json().get("model_version") if r.status_code == 200 else None
+                    rec = (t, r.status_code, version)
+                    if r.status_code != 200:
+                        self.errors.append(f"{r.status_code} {r.text[:200]}")
+                except httpx.HTTPError as e:
+                    rec = (t, None, None)
+                    self.errors.append(repr(e))
+                with self._lock:
+                    self.results.append(rec)
+                time.sleep(0.005)
+
+    def __enter__(self) -> Load:
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(self.n)]
+        for th in self._threads:
+            th.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for th in self._threads:
+            th.join(timeout=60)
+
+    def failed(self) -> int:
+        return sum(1 for _, status, _ in self.results if status != 200)
+
+    def versions(self) -> list[str | None]:
+        with self._lock:
+            return [v for _, _, v in self.results]
+
+
+# ---- endpoints -------------------------------------------------------------------------------
+
+
+def test_all_endpoints_answer(server, exports) -> None:
+    ids = _item_ids(exports[0])
+    c = server.client
+    assert c.get("/healthz").json() == {"status": "ok"}
+    info = c.get("/v1/model").json()
+    ref = load_export(exports[0])
+    assert (info["registered_name"], info["version"], info["alias"]) == (NAME, "1", "champion")
+    assert info["config_digest"] == ref.meta["config_digest"] and info["n_items"] == len(ids)
+    assert info["n_heads"] == 2 and info["head_reduce"] == "mixture" and info["loaded_at"]
+    hist = ids[:3].tolist()
+    z = c.post("/v1/interests", json={"history": hist, "query": "gloves"}).json()
+    assert np.asarray(z["interests"]).shape == (2, 32) and z["model_version"] == "1"
+    rec = c.post("/v1/recall", json={"history": hist, "k": 7}).json()
+    scores = [x["score"] for x in rec["items"]]
+    assert len(scores) == 7 and scores == sorted(scores, reverse=True)
+    assert not {x["item_id"] for x in rec["items"]} & set(hist)
+    rank = c.post("/v1/rank", json={"history": hist, "candidates": ids[5:9].tolist()}).json()
+    assert [f["item_id"] for f in rank["features"]] == ids[5:9].tolist()
+    assert all(len(f["head_scores"]) == 2 for f in rank["features"])
+    assert rank["user"]["history_length"] == 3 and len(rank["user"]["mixture_weights"]) == 2
+    assert c.post("/v1/noop", json={"history": hist}).json() == {"ok": True, "n": 3}
+    paths = c.get("/openapi.json").json()["paths"]
+    for p in ("/v1/interests", "/v1/recall", "/v1/rank", "/v1/model", "/v1/noop", "/v1/admin/reload", "/healthz"):
+        assert p in paths
+    assert "RankResponse" in c.get("/openapi.json").json()["components"]["schemas"]
+
+
+def _reference(m, rows: list[int], query: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """z [H,d] and mixture logits [H] straight from the model, one request per forward pass."""
+    batch = {"user_id": [0], "history": [np.asarray(rows)], "target": [0], "query": [query or ""],
+             "shown": [np.zeros(0, np.int64)]}
+    with torch.no_grad():
+        out = m.model.interests(prepare_batch(collate(batch, m.cfg.data.max_history), m.model, m.tok, m.device))
+    return out["z"][0].numpy(), out["mix_logits"][0].numpy()
+
+
+def test_answers_equal_the_in_process_model(server, exports) -> None:
+    """Interests, recall and rank features equal load_export's model on the same inputs within
+    ATOL, with requests sent concurrently so the server batches several into one forward pass."""
+    m = load_export(exports[0])
+    ids = m.items["item_id"].to_numpy()
+    rng = np.random.default_rng(0)
+    cases = [(rng.choice(len(ids), size=int(rng.integers(1, 20)), replace=False).tolist(),
+              "soldering iron" if i % 3 == 0 else None) for i in range(12)]
+    cands = rng.choice(len(ids), size=10, replace=False)
+
+    def ask(case):
+        rows, q = case
+        hist = ids[rows].tolist()
+        c = server.client
+        return (c.post("/v1/interests", json={"history": hist, "query": q}).json(),
+                c.post("/v1/recall", json={"history": hist, "query": q, "k": 10}).json(),
+                c.post("/v1/rank", json={"history": hist, "query": q, "candidates": ids[cands].tolist()}).json())
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, cases))
+    emb = m.item_emb[cands]
+    for (rows, q), (zi, rec, rank) in zip(cases, answers):
+        z_ref = m.interests([rows], [q or ""])[0]
+        np.testing.assert_allclose(zi["interests"], z_ref, atol=ATOL)
+        z, mix = _reference(m, rows, q)
+        np.testing.assert_allclose(z, z_ref, atol=ATOL)
+        s, top = exact_topk(torch.from_numpy(z[None]), torch.tensor(m.item_emb), 10, torch.tensor([rows]))
+        assert [x["item_id"] for x in rec["items"]] == ids[top[0].numpy()].tolist()
+        np.testing.assert_allclose([x["score"] for x in rec["items"]], s[0].numpy(), atol=ATOL)
+        feats = rank["features"]
+        heads = emb @ z.T
+        np.testing.assert_allclose([f["head_scores"] for f in feats], heads, atol=ATOL)
+        np.testing.assert_allclose([f["max"] for f in feats], heads.max(1), atol=ATOL)
+        mixture = head_scores(torch.from_numpy(z[None]), torch.from_numpy(emb), "mixture",
+                              torch.from_numpy(mix[None]))[0].numpy()
+        np.testing.assert_allclose([f["mixture"] for f in feats], mixture, atol=ATOL)
+        mean = z.mean(0)
+        cos = emb @ mean / (np.linalg.norm(emb, axis=1) * np.linalg.norm(mean))
+        np.testing.assert_allclose([f["cosine"] for f in feats], cos, atol=ATOL)
+
+
+# ---- bad requests ----------------------------------------------------------------------------
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+JSON = {"content-type": "application/json"}
+# (name, path, json body or raw bytes, headers, expected status, field the body must name)
+BAD = [
+    ("unknown item id", "/v1/recall", {"history": [1, 987654321]}, AUTH, 422, "history"),
+    ("empty history", "/v1/recall", {"history": []}, AUTH, 422, "history"),
+    ("history too long", "/v1/interests", {"history": [1] * 21}, AUTH, 422, "history"),
+    ("k zero", "/v1/recall", {"history": [1], "k": 0}, AUTH, 422, "k"),
+    ("k too large", "/v1/recall", {"history": [1], "k": 1001}, AUTH, 422, "k"),
+    ("k as string", "/v1/recall", {"history": [1], "k": "5"}, AUTH, 422, "k"),
+    ("candidates empty", "/v1/rank", {"history": [1], "candidates": []}, AUTH, 422, "candidates"),
+    ("too many candidates", "/v1/rank", {"history": [1], "candidates": [1] * 1001}, AUTH, 422, "candidates"),
+    ("unknown candidate", "/v1/rank", {"history": [1], "candidates": [2, -5]}, AUTH, 422, "candidates"),
+    ("candidates missing", "/v1/rank", {"history": [1]}, AUTH, 422, "candidates"),
+    ("string ids", "/v1/recall", {"history": ["1", "2"]}, AUTH, 422, "history[0]"),
+    ("float ids", "/v1/recall", {"history": [1, 2.0]}, AUTH, 422, "history[1]"),
+    ("boolean ids", "/v1/interests", {"history": [True]}, AUTH, 422, "history[0]"),
+    ("id beyond int64", "/v1/interests", {"history": [2**70]}, AUTH, 422, "history[0]"),
+    ("null history", "/v1/recall", {"history": None}, AUTH, 422, "history"),
+    ("history an object", "/v1/recall", {"history": {"a": 1}}, AUTH, 422, "history"),
+    ("missing history", "/v1/recall", {"k": 3}, AUTH, 422, "history"),
+    ("misspelt field", "/v1/recall", {"history": [1], "histroy": [2]}, AUTH, 422, "histroy"),
+    ("exclude_history not bool", "/v1/recall", {"history": [1], "exclude_history": "yes"}, AUTH, 422,
+     "exclude_history"),
+    ("query too long", "/v1/recall", {"history": [1], "query": "x" * 513}, AUTH, 422, "query"),
+    ("query not a string", "/v1/interests", {"history": [1], "query": 5}, AUTH, 422, "query"),
+    ("body a list", "/v1/recall", [1, 2], AUTH, 422, "body"),
+    ("wrong JSON", "/v1/recall", b'{"history": [1,', {**AUTH, **JSON}, 400, "body"),
+    ("body too large", "/v1/recall", b'{"history": [' + b"1," * 150_000 + b"1]}", {**AUTH, **JSON}, 413, "body"),
+    ("no bearer token", "/v1/recall", {"history": [1]}, {}, 401, "Authorization"),
+    ("bad bearer token", "/v1/recall", {"history": [1]}, {"Authorization": "Bearer nope"}, 401, "Authorization"),
+    ("token on /v1/model", "/v1/model", None, {}, 401, "Authorization"),
+    ("admin reload without token", "/v1/admin/reload", {}, {"Authorization": "Basic eDp5"}, 401, "Authorization"),
+]
+
+
+@pytest.mark.parametrize("name, path, body, headers, status, field", BAD, ids=[b[0] for b in BAD])
+def test_bad_request_gets_4xx_naming_the_field(server, name, path, body, headers, status, field) -> None:
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        if body is None:
+            r = c.get(path, headers=headers)
+        elif isinstance(body, bytes):
+            r = c.post(path, content=body, headers=headers)
+        else:
+            r = c.post(path, json=body, headers=headers)
+    assert r.status_code == status, r.text
+    got = r.json()
+    assert got["field"] == field, got
+    assert field in got["detail"], got
+
+
+def test_bad_request_table_is_big_enough_and_server_still_answers(server, exports) -> None:
+    assert len(BAD) >= 15
+    ids = _item_ids(exports[0])
+    r = server.client.post("/v1/recall", json={"history": ids[:2].tolist(), "k": 3})
+    assert r.status_code == 200 and len(r.json()["items"]) == 3
+    unknown = server.client.post("/v1/recall", json={"history": [1, 987654321]}).json()
+    assert "987654321" in unknown["detail"]  # the unknown id is listed
+
+
+# ---- version switch --------------------------------------------------------------------------
+
+
+def test_alias_move_and_user_config_push_switch_versions_without_failures(server, exports) -> None:
+    ids = _item_ids(exports[0])
+    hist = ids[[3, 9, 27]].tolist()
+    before = np.asarray(server.client.post("/v1/interests", json={"history": hist}).json()["interests"])
+    replicas = _replicas()
+    with Load(server.url, "/v1/rank", {"history": hist, "candidates": ids[:50].tolist()}) as load:
+        time.sleep(1.0)
+        set_alias(NAME, "champion", "2", server.uri)
+        server.cfg["applications"][0]["deployments"][0]["user_config"]["revision"] = 2
+        server.deploy()
+        end = time.time() + 90
+        while time.time() < end:  # both replicas swapped: the last 40 answers all come from v2
+            tail = load.versions()[-40:]
+            if len(tail) == 40 and set(tail) == {"2"}:
+                break
+            time.sleep(0.2)
+        time.sleep(0.5)
+    versions = load.versions()
+    print(f"\nversion switch: {len(versions)} requests, {load.failed()} failed, "
+          f"{versions.count('1')} answered by v1, {versions.count('2')} by v2")
+    assert load.failed() == 0, load.errors[:5]
+    assert versions[0] == "1" and versions[-1] == "2" and set(versions[-40:]) == {"2"}
+    assert _replicas() == replicas  # swapped in place by reconfigure, not by new replicas
+    server.wait_running()
+    info = server.client.get("/v1/model").json()
+    assert (info["version"], info["alias"], info["last_reload_error"]) == ("2", "champion", None)
+    assert info["config_digest"] == load_export(exports[1]).meta["config_digest"]
+    after = np.asarray(server.client.post("/v1/interests", json={"history": hist}).json()["interests"])
+    v2 = load_export(exports[1])
+    np.testing.assert_allclose(after, v2.interests([v2.rows_of(hist).tolist()])[0], atol=ATOL)
+    assert np.abs(after - before).max() > 1e-3
+
+
+def test_admin_reload_switches_the_replica_it_reaches(server) -> None:
+    set_alias(NAME, "champion", "1", server.uri)
+    seen: dict[str, str] = {}
+    for _ in range(60):  # each call reaches one replica; routing spreads them over both
+        r = server.client.post("/v1/admin/reload", json={})
+        assert r.status_code == 200, r.text
+        model = r.json()["model"]
+        seen[model["replica"]] = model["version"]
+        if len(seen) == 2 and set(seen.values()) == {"1"}:
+            break
+    assert len(seen) == 2 and set(seen.values()) == {"1"}, seen
+    r = server.client.post("/v1/admin/reload", json={})
+    assert r.json()["reloaded"] is False  # already on the alias' version
+
+
+def _on_every_replica(server, check, timeout: float = 60) -> dict[str, dict]:
+    """Sample /v1/model until each of the 2 replicas has answered with `check(info)` true."""
+    seen: dict[str, dict] = {}
+    end = time.time() + timeout
+    while time.time() < end:
+        info = server.client.get("/v1/model").json()
+        if check(info):
+            seen[info["replica"]] = info
+            if len(seen) == 2:
+                return seen
+        time.sleep(0.1)
+    raise AssertionError(f"not every replica got there: {seen}")
+
+
+# ---- faults ------------------------------------------------------------------------------------
+
+
+def test_failed_reload_keeps_serving_the_old_version(server, exports) -> None:
+    ids = _item_ids(exports[0])
+    uc = server.cfg["applications"][0]["deployments"][0]["user_config"]
+    uc["model"]["alias"], uc["revision"] = "no-such-alias", 3
+    server.deploy()
+    seen = _on_every_replica(server, lambda i: i["last_reload_error"] is not None)
+    for info in seen.values():
+        assert info["version"] == "1" and "no-such-alias" in info["last_reload_error"]
+    r = server.client.post("/v1/recall", json={"history": ids[:3].tolist(), "k": 5})
+    assert r.status_code == 200 and r.json()["model_version"] == "1"
+    uc["model"]["alias"], uc["revision"] = "champion", 4
+    server.deploy()
+    _on_every_replica(server, lambda i: i["last_reload_error"] is None and i["version"] == "1")
+    server.wait_running()
+
+
+def test_replica_killed_under_load(server, exports) -> None:
+    ids = _item_ids(exports[0])
+    body = {"history": ids[:5].tolist(), "k": 20}
+    victim = _replicas()[0]
+    with Load(server.url, "/v1/recall", body) as load:
+        time.sleep(1.5)
+        killed_at = time.time()
+        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+        time.sleep(4.0)
+    failed = load.failed()
+    after = [s for t, s, _ in load.results if t > killed_at + 1.0]
+    print(f"\nreplica kill: {len(load.results)} requests, {failed} failed "
+          f"({len(after)} sent from 1 s after the kill, {after.count(200)} of them ok)")
+    assert failed <= 8, load.errors[:10]  # at most what was in flight on the victim, give or take
+    assert after and after.count(200) >= 0.9 * len(after)  # traffic went on through the survivor
+    end = time.time() + 90  # the controller notices the death and starts a replacement
+    while time.time() < end and (victim in _replicas() or len(_replicas()) != 2):
+        time.sleep(0.25)
+    assert victim not in _replicas() and len(_replicas()) == 2
+    server.wait_running()
+    for _ in range(20):
+        assert server.client.post("/v1/recall", json=body).status_code == 200
+
+
+# ---- the Python API ----------------------------------------------------------------------------
+
+
+def test_serve_run_with_the_python_builder(server, exports) -> None:
+    """`serve.run(app_builder(...))` with an export path, no token: /v1 answers without auth."""
+    from serve_apps.ranker import app_builder
+
+    app = app_builder({"export_path": str(exports[1]), "batching": "false",
+                       "ray_actor_options": {"num_cpus": 0.25}, "limits": {"max_k": 5}})
+    serve.run(app, name="py", route_prefix="/py", blocking=False)
+    try:
+        with httpx.Client(base_url=server.url + "/py", timeout=60) as c:
+            info = c.get("/v1/model").json()
+            assert info["source"] == str(exports[1]) and info["version"] is None
+            ids = _item_ids(exports[1])
+            assert len(c.post("/v1/recall", json={"history": ids[:2].tolist(), "k": 5}).json()["items"]) == 5
+            r = c.post("/v1/recall", json={"history": ids[:2].tolist(), "k": 6})
+            assert r.status_code == 422 and r.json()["field"] == "k"
+            assert c.post("/v1/admin/reload", json={}).status_code == 403  # no token: no admin
+    finally:
+        serve.delete("py")

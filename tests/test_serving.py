@@ -1,0 +1,213 @@
+"""karma.serving: feature maths against hand-computed values, request validation, and the
+batched model path against the plain InferenceModel on a small real (untrained) export."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_cfg
+from karma.export import export_model, load_export
+from karma.factory import build_model
+from karma.retrieval import exact_topk
+from karma.serving import (
+    Job,
+    ModelHandle,
+    ModelSpec,
+    RequestError,
+    ServingLimits,
+    build_job,
+    check_item_ids,
+    check_k,
+    check_query,
+    rank_features,
+    run_jobs,
+    user_features,
+)
+
+R = 1 / math.sqrt(2)
+
+# Two orthogonal unit heads, mixture logits giving weights (0.25, 0.75), three candidates.
+Z = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
+MIX = np.array([0.0, math.log(3.0)], np.float32)
+CAND = np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]], np.float32)
+
+
+def test_rank_features_hand_computed() -> None:
+    f = rank_features(Z, MIX, CAND)
+    np.testing.assert_allclose(f["head_scores"], [[1, 0], [0, 1], [0.6, 0.8]], atol=1e-7)
+    np.testing.assert_allclose(f["max"], [1, 1, 0.8], atol=1e-7)
+    # 0.25*s0 + 0.75*s1
+    np.testing.assert_allclose(f["mixture"], [0.25, 0.75, 0.25 * 0.6 + 0.75 * 0.8], atol=1e-6)
+    # mean interest (0.5, 0.5) has norm 1/sqrt(2): cos = <(.5,.5), e> / (|e| / sqrt 2)
+    np.testing.assert_allclose(f["cosine"], [R, R, 0.7 * math.sqrt(2)], atol=1e-6)
+
+
+def test_mixture_equals_max_without_mixture_head() -> None:
+    f = rank_features(Z, None, CAND)
+    np.testing.assert_array_equal(f["mixture"], f["max"])
+
+
+def test_cosine_ignores_candidate_norm_and_survives_opposite_heads() -> None:
+    f = rank_features(Z, None, CAND * 3.0)
+    np.testing.assert_allclose(f["cosine"], [R, R, 0.7 * math.sqrt(2)], atol=1e-6)
+    opposite = np.array([[1.0, 0.0], [-1.0, 0.0]], np.float32)  # mean interest is the zero vector
+    np.testing.assert_array_equal(rank_features(opposite, None, CAND)["cosine"], [0, 0, 0])
+
+
+def test_rank_features_shape_errors() -> None:
+    with pytest.raises(ValueError, match="same d"):
+        rank_features(Z, None, np.ones((3, 5), np.float32))
+    with pytest.raises(ValueError, match="mix"):
+        rank_features(Z, np.zeros(3, np.float32), CAND)
+
+
+def test_user_features_hand_computed() -> None:
+    u = user_features(np.array([[2.0, 0.0], [0.0, 1.0]]), MIX, history_length=7)
+    assert u["history_length"] == 7 and u["n_heads"] == 2
+    assert u["interest_norm_mean"] == pytest.approx(1.5)
+    assert u["interest_norm_min"] == pytest.approx(1.0)
+    assert u["interest_norm_max"] == pytest.approx(2.0)
+    assert u["mean_interest_norm"] == pytest.approx(math.sqrt(1.0 + 0.25))  # |(1, 0.5)|
+    assert u["head_pairwise_cosine"] == pytest.approx(0.0)
+    assert u["mixture_weights"] == pytest.approx([0.25, 0.75])
+    three = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])  # pairs: 1, 0, 0
+    assert user_features(three, None, 1)["head_pairwise_cosine"] == pytest.approx(1 / 3)
+    one = user_features(np.array([[0.6, 0.8]]), None, 1)
+    assert one["head_pairwise_cosine"] == 1.0 and one["mixture_weights"] is None
+
+
+@pytest.mark.parametrize("value, field, fragment", [
+    (None, "history", "null"),
+    ("1,2", "history", "str"),
+    ({"a": 1}, "history", "dict"),
+    ([], "history", "empty"),
+    (list(range(6)), "history", "limit is 5"),
+    ([1, 2.0], "history[1]", "float"),
+    ([True], "history[0]", "bool"),
+    ([np.bool_(False)], "history[0]", "bool"),
+    (["3"], "history[0]", "str"),
+    ([2**63], "history[0]", "64-bit"),
+])
+def test_check_item_ids_rejects(value, field, fragment) -> None:
+    with pytest.raises(RequestError) as e:
+        check_item_ids(value, "history", 5)
+    assert e.value.field == field and fragment in e.value.message
+
+
+def test_check_item_ids_accepts_ints_and_numpy_ints() -> None:
+    out = check_item_ids([1, np.int32(2), -(2**63), 2**63 - 1], "candidates", 5)
+    assert out.dtype == np.int64 and out.tolist() == [1, 2, -(2**63), 2**63 - 1]
+
+
+def test_check_k_and_query() -> None:
+    assert check_k(1, 10) == 1 and check_k(10, 10) == 10
+    for bad in (0, 11, -1, True, 2.0, "3"):
+        with pytest.raises(RequestError) as e:
+            check_k(bad, 10)
+        assert e.value.field == "k"
+    assert check_query(None, 4) is None and check_query("", 4) is None and check_query("abcd", 4) == "abcd"
+    for bad in ("abcde", 5, ["a"]):
+        with pytest.raises(RequestError) as e:
+            check_query(bad, 4)
+        assert e.value.field == "query"
+
+
+def test_limits_and_spec_validation() -> None:
+    assert ServingLimits().history_limit(20) == 20 and ServingLimits(max_history=50).history_limit(20) == 50
+    for bad in ({"max_k": 0}, {"max_candidates": True}, {"max_k": 1.5}):
+        with pytest.raises(ValueError, match="limits"):
+            ServingLimits.from_dict(bad)
+    with pytest.raises(ValueError, match="unknown limits keys"):
+        ServingLimits.from_dict({"max_kk": 3})
+    assert ModelSpec.from_dict({"registered_name": "m"}).ref == "champion"
+    assert ModelSpec.from_dict({"registered_name": "m", "version": 3}).ref == "3"
+    for bad, msg in [({}, "exactly one"), ({"export_path": "a", "registered_name": "m"}, "exactly one"),
+                     ({"export_path": "a", "alias": "x"}, "registered_name"),
+                     ({"registered_name": "m", "alias": "a", "version": "1"}, "not both"),
+                     ({"registered_name": "m", "version": "latest"}, "version number"),
+                     ({"export_path": "a", "index": "hnsw"}, "index"), ({"export_path": "a", "colour": 1}, "unknown")]:
+        with pytest.raises(ValueError, match=msg):
+            ModelSpec.from_dict(bad)
+
+
+# ---- the model path on a real export ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def export_dir(items, cache_dir, tmp_path_factory) -> Path:
+    cfg = tiny_cfg(cache_dir, "model.n_interest=2", "model.head_reduce=mixture", "data.max_history=6")
+    model, tok = build_model(cfg, items, log=None)
+    return export_model(model, tok, cfg, items, tmp_path_factory.mktemp("serving-export"))
+
+
+@pytest.fixture(scope="module")
+def handle(export_dir) -> ModelHandle:
+    return ModelHandle.from_export(export_dir)
+
+
+def test_build_job_validates_against_the_item_table(handle) -> None:
+    limits = ServingLimits(max_candidates=4)
+    job = build_job("rank", handle, limits, history=[100, 105], query="gloves", candidates=[101, 129])
+    assert job.rows.tolist() == [0, 5] and job.cand_rows.tolist() == [1, 29] and job.query == "gloves"
+    with pytest.raises(RequestError) as e:
+        build_job("recall", handle, limits, history=[100, 7, 100000, 7])
+    assert e.value.field == "history" and "[7, 100000]" in e.value.message
+    with pytest.raises(RequestError) as e:
+        build_job("rank", handle, limits, history=[100], candidates=[5])
+    assert e.value.field == "candidates" and "[5]" in e.value.message
+    with pytest.raises(RequestError) as e:
+        build_job("rank", handle, limits, history=[100], candidates=[100] * 5)
+    assert e.value.field == "candidates" and "limit is 4" in e.value.message
+    with pytest.raises(RequestError) as e:  # the model's max_history (6) is the default limit
+        build_job("interests", handle, limits, history=[100] * 7)
+    assert e.value.field == "history"
+    with pytest.raises(RequestError) as e:
+        build_job("recall", handle, limits, history=[100], exclude_history="yes")
+    assert e.value.field == "exclude_history"
+
+
+def test_handle_run_matches_inference_model(handle, export_dir) -> None:
+    """A batch mixing kinds, lengths and queries answers each request as a lone forward pass
+    of the plain InferenceModel would (fp32, atol 1e-5)."""
+    ref = load_export(export_dir)
+    limits = ServingLimits()
+    reqs = [("interests", dict(history=[100, 101, 102])),
+            ("recall", dict(history=[103, 104], query="soldering", k=5)),
+            ("recall", dict(history=[110], k=40, exclude_history=False)),
+            ("rank", dict(history=[105, 106, 107, 108], candidates=[100, 120, 103]))]
+    jobs = [build_job(kind, handle, limits, **kw) for kind, kw in reqs]
+    out = handle.run(jobs)
+    for job, res in zip(jobs, out):
+        z = ref.interests([job.rows.tolist()], [job.query or ""])  # [1,H,d]
+        if job.kind == "interests":
+            np.testing.assert_allclose(res["interests"], z[0], atol=1e-5)
+        elif job.kind == "recall":
+            ex = torch.as_tensor(job.rows[None] if job.exclude_history else np.full((1, 1), -1))
+            s, ids = exact_topk(torch.from_numpy(z), torch.tensor(ref.item_emb), job.k, ex)
+            found = ids[0].numpy() >= 0  # slots past the corpus size hold -1
+            want = ref.items["item_id"].to_numpy()[ids[0].numpy()[found]]
+            assert res["item_ids"].tolist() == want.tolist()
+            np.testing.assert_allclose(res["scores"], s[0].numpy()[found], atol=1e-5)
+            if job.exclude_history:
+                assert not set(res["item_ids"].tolist()) & {103, 104}
+        else:
+            heads = ref.item_emb[job.cand_rows] @ z[0].T
+            np.testing.assert_allclose(res["head_scores"], heads, atol=1e-5)
+            np.testing.assert_allclose(res["max"], heads.max(1), atol=1e-5)
+            assert res["user"]["history_length"] == 4 and len(res["user"]["mixture_weights"]) == 2
+    assert len(out[2]["item_ids"]) == 30  # k=40 > 30 items: every item, no padding
+
+
+def test_run_jobs_answers_each_request_on_its_own_handle(handle, export_dir) -> None:
+    other = ModelHandle.from_export(export_dir, ModelSpec(export_path=str(export_dir), dtype="bfloat16"))
+    job = Job("interests", np.array([0, 1], np.int64))
+    a, b, c = run_jobs([(handle, job), (other, job), (handle, job)])
+    np.testing.assert_array_equal(a["interests"], c["interests"])
+    assert not np.array_equal(a["interests"], b["interests"])  # bf16 weights: a different model
+    np.testing.assert_allclose(a["interests"], b["interests"], atol=0.1)
+    assert run_jobs([]) == []
