@@ -243,3 +243,20 @@ def test_promote_reads_run_metric_when_tag_missing(uri: str, tmp_path: Path) -> 
     rec = promote_if_better("karma-run", "champion", v2, "NDCG@10", 0.35, "max", uri)
     assert rec["incumbent_version"] == v1 and rec["incumbent_value"] == pytest.approx(0.4)
     assert not rec["promoted"] and alias_version("karma-run", "champion", uri) == v1
+
+
+def test_export_dir_of_in_a_fresh_process(uri: str, tmp_path: Path) -> None:
+    """A new process (a Serve replica, say) has no global MLflow URIs set beforehand."""
+    import subprocess
+    import sys
+
+    tr = RunTracker("exp", "job-fresh", uri)
+    register_export(tr, _export(tmp_path / "e", "fresh"), "karma-fresh", "champion")
+    tr.end()
+    code = ("import sys; from karma.tracking import export_dir_of; "
+            "print(export_dir_of('karma-fresh', 'champion', sys.argv[1], cache_dir=sys.argv[2]))")
+    platform = str(Path(__file__).resolve().parents[1] / "platform")
+    out = subprocess.run([sys.executable, "-c", code, uri, str(tmp_path / "cache")], capture_output=True,
+                         text=True, env={"PYTHONPATH": platform, "PATH": "/usr/bin:/bin"}, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (Path(out.stdout.strip()) / "weights" / "model.bin").read_text() == "fresh"

@@ -89,14 +89,21 @@ class InferenceModel:
         return pd.Index(self.items["item_id"]).get_indexer(np.asarray(item_ids, dtype=np.int64))
 
     @torch.no_grad()
-    def interests(self, histories: list[list[int]], queries: list[str] | None = None) -> np.ndarray:
-        """Interest embeddings [B, H, d] for histories given as item ROWS (oldest first)."""
-        rows = {"user_id": [0] * len(histories), "history": [np.asarray(h, dtype=np.int64) for h in histories],
-                "target": [0] * len(histories), "query": list(queries) if queries else [""] * len(histories),
-                "shown": [np.zeros(0, np.int64)] * len(histories)}
+    def encode(self, histories: list, queries: list | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """Interest embeddings [B, H, d] and mixture logits [B, H] (None for a max-reduce model)
+        for histories given as item ROWS (oldest first)."""
+        b = len(histories)
+        rows = {"user_id": [0] * b, "history": [np.asarray(h, dtype=np.int64) for h in histories],
+                "target": [0] * b, "query": [q or "" for q in queries] if queries else [""] * b,
+                "shown": [np.zeros(0, np.int64)] * b}
         batch = prepare_batch(collate(rows, self.cfg.data.max_history), self.model, self.tok, self.device)
         out = self.model.interests(batch)
-        return out["z"].float().cpu().numpy()
+        mix = out["mix_logits"]
+        return out["z"].float().cpu().numpy(), None if mix is None else mix.float().cpu().numpy()
+
+    def interests(self, histories: list, queries: list | None = None) -> np.ndarray:
+        """Interest embeddings [B, H, d] for histories given as item ROWS (oldest first)."""
+        return self.encode(histories, queries)[0]
 
 
 def load_export(path: str | Path, device: str = "cpu", dtype: str | None = None) -> InferenceModel:

@@ -29,10 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from karma.data import collate
 from karma.export import InferenceModel, load_export
 from karma.retrieval import ItemIndex
-from karma.step import prepare_batch
 
 __all__ = [
     "RequestError",
@@ -375,17 +373,8 @@ class ModelHandle:
     @torch.no_grad()
     def encode(self, histories: Sequence[np.ndarray], queries: Sequence[str | None]
                ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Interests z [B,H,d] float32 and mixture logits [B,H] (None for a max-reduce model).
-
-        Same inputs and code path as InferenceModel.interests, but the mixture logits are kept."""
-        m = self.model
-        b = len(histories)
-        rows = {"user_id": [0] * b, "history": list(histories), "target": [0] * b,
-                "query": [q or "" for q in queries], "shown": [np.zeros(0, np.int64)] * b}
-        batch = prepare_batch(collate(rows, self.max_history), m.model, m.tok, m.device)
-        out = m.model.interests(batch)
-        mix = out["mix_logits"]
-        return out["z"].float().cpu().numpy(), None if mix is None else mix.float().cpu().numpy()
+        """Interests z [B,H,d] float32 and mixture logits [B,H] (None for a max-reduce model)."""
+        return self.model.encode(list(histories), list(queries))
 
     def run(self, jobs: Sequence[Job]) -> list[dict[str, Any]]:
         """Answer validated jobs in one forward pass (and one index search for the recalls)."""

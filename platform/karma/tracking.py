@@ -496,6 +496,9 @@ def export_dir_of(
     marker = target / ".karma-export-path"
     if not marker.is_file():
         staging = Path(tempfile.mkdtemp(prefix=".dl-", dir=root))
+        # MLflow resolves models:/ URIs against the process-global registry, whatever is passed.
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_registry_uri(tracking_uri)
         try:
             local = mlflow.artifacts.download_artifacts(
                 artifact_uri=f"models:/{registered_name}/{mv.version}",

@@ -77,7 +77,8 @@ def init_ray(cfg: Config) -> None:
     # A local cluster: one logical CPU more than the cores, for the data pipeline beside the
     # workers (CPU counts are scheduling slots; the readers are light).
     env = {"OMP_NUM_THREADS": str(cfg.dist.omp_threads)} if not cfg.dist.use_gpu else {}
-    ray.init(num_cpus=(os.cpu_count() or 1) + 1, runtime_env={"env_vars": env} if env else None)
+    # address="local": start our own, never attach to another Ray instance found on the host.
+    ray.init(address="local", num_cpus=(os.cpu_count() or 1) + 1, runtime_env={"env_vars": env} if env else None)
 
 
 def steps_plan(cfg: Config, n_train: int) -> tuple[int, int]:
