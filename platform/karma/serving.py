@@ -343,15 +343,9 @@ class ModelHandle:
         concurrent alias move cannot mix two versions in one load)."""
         if spec.export_path:
             return cls.from_export(spec.export_path, spec, None, device)
-        import mlflow
-
         from karma.tracking import export_dir_of
 
         uri = spec.resolved_uri()
-        # MLflow 3.17 resolves `models:/` downloads against the process-global registry URI, not
-        # the one passed to download_artifacts: a fresh server process must set it first.
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_registry_uri(uri)
         version = version or spec.resolve_version()
         path = export_dir_of(spec.registered_name, version, uri)
         return cls.from_export(path, spec, version, device)

@@ -160,6 +160,21 @@ def _as_float(value: Any) -> float | None:
     return f if math.isfinite(f) else None
 
 
+def set_global_uris(tracking_uri: str) -> None:
+    """Point MLflow's process-global tracking and registry URIs at `tracking_uri`.
+
+    MLflow 3 also writes them into the environment, where a later job's resolve_tracking_uri
+    would find this store: the environment is put back as it was."""
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 class RunTracker:
     """One MLflow run, found again by name on resume, closed by `end` or the `with` block."""
 
@@ -179,8 +194,7 @@ class RunTracker:
         self.tracking_uri = tracking_uri
         self.run_name = run_name
         # The fluent API (used by pyfunc.log_model) reads the global URIs.
-        mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_registry_uri(tracking_uri)
+        set_global_uris(tracking_uri)
         self.client = _client(tracking_uri)
         self._experiment_id = _experiment_id(self.client, experiment, tracking_uri)
         self._lock = threading.Lock()
@@ -381,8 +395,7 @@ def register_export(
         raise FileNotFoundError(f"export_dir {str(export)!r} is missing or empty; export first")
     if not registered_name:
         raise ValueError("registered_name is empty; set tracking.registered_model")
-    mlflow.set_tracking_uri(tracker.tracking_uri)
-    mlflow.set_registry_uri(tracker.tracking_uri)
+    set_global_uris(tracker.tracking_uri)
     client = tracker.client
     # Create the logged model against the tracker's run and experiment ourselves: without an
     # active run, log_model would otherwise file it under the default experiment.
@@ -497,8 +510,7 @@ def export_dir_of(
     if not marker.is_file():
         staging = Path(tempfile.mkdtemp(prefix=".dl-", dir=root))
         # MLflow resolves models:/ URIs against the process-global registry, whatever is passed.
-        mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_registry_uri(tracking_uri)
+        set_global_uris(tracking_uri)
         try:
             local = mlflow.artifacts.download_artifacts(
                 artifact_uri=f"models:/{registered_name}/{mv.version}",

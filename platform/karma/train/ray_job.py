@@ -27,7 +27,9 @@ class TrainResult:
     steps: int
 
 
-@ray.remote
+# DEFAULT scheduling: inside a Tune trial, tasks otherwise land in the trial's placement group,
+# which holds no CPU for them.
+@ray.remote(scheduling_strategy="DEFAULT")
 def prepare_data(cfg_dict: dict, out_dir: str) -> dict:
     """Load, validate and split the data; write examples as Parquet for Ray Data.
     Runs as a Ray task so the driver never holds the data set."""
@@ -93,8 +95,9 @@ def steps_plan(cfg: Config, n_train: int) -> tuple[int, int]:
 
 
 def fit(cfg: Config, run_root: Path, mlflow_run_id: str | None = None, tracking_uri: str | None = None,
-        log=print) -> tuple[ray.train.Result, dict]:
-    """Run the Ray Train job; returns Ray's result and the data summary."""
+        log=print, callbacks: list | None = None) -> tuple[ray.train.Result, dict]:
+    """Run the Ray Train job; returns Ray's result and the data summary. `callbacks` go to
+    the RunConfig (a Tune trial passes TuneReportCallback so every epoch reaches Tune)."""
     check_resources(cfg)
     data_dir = run_root / "data"
     summary = ray.get(prepare_data.remote(cfg.to_dict(), str(data_dir)))
@@ -112,7 +115,7 @@ def fit(cfg: Config, run_root: Path, mlflow_run_id: str | None = None, tracking_
             resources_per_worker={"CPU": cfg.dist.cpus_per_worker, **({"GPU": 1} if cfg.dist.use_gpu else {})}),
         run_config=ray.train.RunConfig(
             name=cfg.tracking.run_name, storage_path=str(run_root.parent.resolve() / "ray"),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.dist.max_failures),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.dist.max_failures), callbacks=callbacks,
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.dist.keep_checkpoints, checkpoint_score_attribute="NDCG@10",
                 checkpoint_score_order="max")),
@@ -130,7 +133,8 @@ def storage_root(cfg: Config) -> Path:
     return Path(root).resolve()
 
 
-def run_training(cfg: Config, log=print, parent_run_id: str | None = None) -> TrainResult:
+def run_training(cfg: Config, log=print, parent_run_id: str | None = None,
+                 callbacks: list | None = None) -> TrainResult:
     """The whole training job: Ray Train fit, MLflow run, export registration."""
     from karma.tracking import RunTracker, metric_tags, register_export, resolve_tracking_uri
 
@@ -142,7 +146,7 @@ def run_training(cfg: Config, log=print, parent_run_id: str | None = None) -> Tr
                     tags={"karma.config_digest": cfg.digest()}) as tracker:
         tracker.log_params(cfg.to_dict(), on_conflict="tag")  # a resumed run may change epochs
         tracker.log_dict(cfg.to_dict(), "config.json")
-        result, summary = fit(cfg, run_root, tracker.run_id, uri, log)
+        result, summary = fit(cfg, run_root, tracker.run_id, uri, log, callbacks)
         if result.error:
             raise result.error
         metrics = dict(result.metrics or {})
