@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {err}", file=sys.stderr)
         return 2
     result = train_plain(cfg)
-    summary = {k: result[k] for k in ("popularity", "before", "after", "steps", "seconds")}
+    summary = {"command": "python " + " ".join(sys.argv),
+               **{k: result[k] for k in ("popularity", "before", "after", "steps", "seconds")}}
     print(json.dumps(summary, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(summary, indent=2))
