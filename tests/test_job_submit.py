@@ -65,7 +65,7 @@ def test_ray_job_submit_train_succeeds(cluster):
     sub = f"karma-submit-{secrets.token_hex(3)}"
     cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
            "--submission-id", sub, "--no-wait", "--", sys.executable, "jobs/train.py", "--config",
-           "configs/tiny.yaml", f"dist.storage_path={storage}", "train.analysis_examples=0",
+           "configs/tiny.yaml", f"dist.storage_path={storage}", "dist.zero_stage=3", "train.analysis_examples=0",
            "train.eval_max_users=100"]
     for _ in range(30):  # the node's job agent comes up a little after the dashboard
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)

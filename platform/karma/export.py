@@ -38,8 +38,9 @@ def _backbone_config(model: KarmaModel) -> dict:
 
 
 def export_model(model: KarmaModel, tok: Tokenizer, cfg: Config, items: pd.DataFrame, out_dir: str | Path,
-                 state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write the export folder. `state_dict` overrides the module's own (e.g. gathered ZeRO-3)."""
+                 state_dict: dict[str, torch.Tensor] | None = None, item_emb: np.ndarray | None = None) -> Path:
+    """Write the export folder. `state_dict` and `item_emb` override what the module would give
+    (a gathered ZeRO-3 state, item embeddings computed on every rank)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = state_dict if state_dict is not None else model.state_dict()
@@ -48,8 +49,10 @@ def export_model(model: KarmaModel, tok: Tokenizer, cfg: Config, items: pd.DataF
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     (out / "backbone_config.json").write_text(json.dumps(_backbone_config(model), indent=2, default=str))
     tok.save(out / "tokenizer")
-    with torch.no_grad():
-        emb = model.item_embeddings().float().cpu().numpy()
+    if item_emb is None:
+        with torch.no_grad():
+            item_emb = model.item_embeddings().float().cpu().numpy()
+    emb = item_emb
     table = pa.table({
         "row": pa.array(np.arange(len(items), dtype=np.int64)),
         "item_id": pa.array(items["item_id"].to_numpy(np.int64)),
@@ -59,7 +62,7 @@ def export_model(model: KarmaModel, tok: Tokenizer, cfg: Config, items: pd.DataF
         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), emb.shape[1]),
     })
     pq.write_table(table, out / "items.parquet")
-    dtype = str(state["interest_tokens"].dtype).replace("torch.", "")
+    dtype = str(state["interest.weight"].dtype).replace("torch.", "")
     meta = {
         "karma_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "config_digest": cfg.digest(), "n_items": len(items), "n_interest": cfg.model.n_interest,

@@ -29,6 +29,33 @@ def mlp(d_in: int, d_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(d_in, d_out), nn.GELU(), nn.Linear(d_out, d_out))
 
 
+class Temperature(nn.Module):
+    """The InfoNCE temperature, learnable in log space.
+
+    Parameters sit in small submodules rather than on KarmaModel itself: ZeRO-3 gathers a
+    module's partitioned parameters when that module is called, and these are used outside the
+    main forward (the loss reads tau after the backbone has run)."""
+
+    def __init__(self, init: float, learn: bool):
+        super().__init__()
+        # shape [1], not a scalar: DeepSpeed broadcasts parameters as byte views, which 0-d refuses
+        self.log_tau = nn.Parameter(torch.full((1,), math.log(init)), requires_grad=learn)
+
+    def forward(self) -> torch.Tensor:
+        return self.log_tau.exp().clamp(min=1e-3)[0]
+
+
+class InterestTokens(nn.Module):
+    """The H learned <INT> input embeddings appended after the history."""
+
+    def __init__(self, n: int, hidden: int, scale: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n, hidden) * scale)
+
+    def forward(self, batch_size: int, dtype: torch.dtype) -> torch.Tensor:
+        return self.weight.unsqueeze(0).expand(batch_size, -1, -1).to(dtype)
+
+
 class ItemEncoder(nn.Module):
     """e_in(i) = norm(MLP_id(ID[i]) + MLP_txt(text[i]) [+ MLP_img(img[i])]) in the LLM's width."""
 
@@ -85,13 +112,13 @@ class KarmaModel(nn.Module):
         hidden = emb.shape[1]
         scale = float(emb.detach().float().std())
         self.items = ItemEncoder(n_items, cfg.id_dim, hidden, text_emb, image_emb, scale)
-        self.interest_tokens = nn.Parameter(torch.randn(cfg.n_interest, hidden) * scale)
+        self._hidden = hidden  # a plain int: ZeRO-3 empties partitioned parameters' shapes
+        self.interest = InterestTokens(cfg.n_interest, hidden, scale)
         self.interest_head = nn.Linear(hidden, cfg.embed_dim)
         self.item_head = nn.Linear(hidden, cfg.embed_dim)
         self.mix_head = nn.Linear(hidden, cfg.n_interest) if cfg.head_reduce == "mixture" else None
         self.rec_proj = nn.Linear(cfg.embed_dim, cfg.rec_soft_tokens * hidden)
-        # shape [1], not a scalar: DeepSpeed broadcasts parameters as byte views, which 0-d refuses
-        self.log_tau = nn.Parameter(torch.full((1,), math.log(tau_init)), requires_grad=learn_tau)
+        self.temperature = Temperature(tau_init, learn_tau)
         self.register_buffer("item_tokens", item_tokens.long())  # [N, T] target text, EOS, padding
         self.register_buffer("item_token_len", item_token_len.long())  # [N] text + EOS lengths
 
@@ -102,11 +129,11 @@ class KarmaModel(nn.Module):
 
     @property
     def hidden(self) -> int:
-        return self.interest_tokens.shape[1]
+        return self._hidden
 
     @property
     def tau(self) -> torch.Tensor:
-        return self.log_tau.exp().clamp(min=1e-3)[0]
+        return self.temperature()
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         return self.backbone.get_input_embeddings()(ids)
@@ -139,7 +166,7 @@ class KarmaModel(nn.Module):
             parts.insert(0, self.embed_tokens(batch["query_ids"]))
             masks.insert(0, batch["query_mask"])
         b = hist.shape[0]
-        parts.append(self.interest_tokens.unsqueeze(0).expand(b, -1, -1).to(parts[0].dtype))
+        parts.append(self.interest(b, parts[0].dtype))
         masks.append(torch.ones(b, self.cfg.n_interest, dtype=torch.bool, device=hist.device))
         return torch.cat(parts, dim=1), torch.cat(masks, dim=1)
 

@@ -13,7 +13,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        plain = p.ndim < 2 or "emb" in name or "interest_tokens" in name
+        plain = p.ndim < 2 or "emb" in name or name.startswith("interest.")
         (no_decay if plain else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from karma.config import Config, from_dict
 from karma.data import collate
-from karma.evaluate import semantic_analyses
+from karma.evaluate import batches, semantic_analyses
 from karma.export import export_model
 from karma.factory import build_model
 from karma.progress import Progress
@@ -54,12 +54,8 @@ def distributed_interests(engine, examples: pd.DataFrame, tok, cfg: Config, devi
     n = len(examples)
     per = -(-n // world)
     part = examples.iloc[np.arange(rank * per, rank * per + per) % n]
-    out = []
-    for start in range(0, per, 256):
-        rows = part.iloc[start : start + 256]
-        batch = prepare_batch(collate({c: rows[c].tolist() for c in rows.columns}, cfg.data.max_history), model, tok, device)
-        out.append(model.interests(batch)["z"].float())
-    z = torch.cat(out)
+    z = torch.cat([model.interests(prepare_batch(raw, model, tok, device))["z"].float()
+                   for raw in batches(part, 256, cfg.data.max_history)])
     if world > 1:
         parts = [torch.empty_like(z) for _ in range(world)]
         dist.all_gather(parts, z.contiguous())
@@ -152,9 +148,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         last = state["step"] >= total
         with tempfile.TemporaryDirectory() as tmp:
             _save_checkpoint(engine, sampler, state, rank, tmp)
-            weights = full_state_dict(engine) if last else None  # a collective on ZeRO-3
-            if last and rank == 0:
-                _final_outputs(engine, tok, cfg, items, valid, weights, metrics, Path(tmp), device)
+            if last:  # on every rank: gathering ZeRO-3 weights and running the model are collectives
+                _final_outputs(engine, tok, cfg, items, valid, metrics, Path(tmp), device, write=rank == 0)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
@@ -163,8 +158,9 @@ def _evaluate(engine, valid, items, tok, cfg: Config, device, rank: int, world: 
     rank 0's numbers are broadcast so every worker reports the same metrics."""
     z = distributed_interests(engine, valid, tok, cfg, device, rank, world)
     metrics: dict = {}
-    if rank == 0:
+    with torch.no_grad():  # every rank: under ZeRO-3 any module call is a collective
         item_emb = engine.module.item_embeddings().float().cpu()
+    if rank == 0:
         metrics = evaluate_retrieval(z, item_emb, valid["target"].to_numpy(), ks=tuple(cfg.train.ks))
     if cfg.train.analysis_examples:
         # Every worker runs the same analyses (ZeRO-3 forwards are collective); rank 0's count.
@@ -178,24 +174,31 @@ def _evaluate(engine, valid, items, tok, cfg: Config, device, rank: int, world: 
     return metrics
 
 
-def _final_outputs(engine, tok, cfg: Config, items, valid, weights, metrics: dict, ckpt_dir: Path, device) -> None:
-    """Rank 0, last epoch: the inference export and the eval report, inside the checkpoint."""
+def _final_outputs(engine, tok, cfg: Config, items, valid, metrics: dict, ckpt_dir: Path, device,
+                   write: bool) -> None:
+    """Last epoch: the inference export and the eval report, inside the checkpoint (written by
+    rank 0). Every rank computes: under ZeRO-3 each module call gathers parameters collectively."""
     from karma.plots import attention_heatmap, hr_bars
 
     model = engine.module
-    export = export_model(model, tok, cfg, items, ckpt_dir / "export", state_dict=weights)
+    model.eval()
+    weights = full_state_dict(engine)
     # A probe of interest embeddings the export must reproduce after reloading.
     probe = valid.iloc[:16]
-    batch = prepare_batch(collate({c: probe[c].tolist() for c in probe.columns}, cfg.data.max_history), model, tok, device)
+    batch = prepare_batch(next(batches(probe, len(probe), cfg.data.max_history)), model, tok, device)
     with torch.no_grad():
+        item_emb = model.item_embeddings().float().cpu().numpy()
         z = model.interests(batch)["z"].float().cpu().numpy()
+    maps = model.attention_maps(batch)
+    if not write:
+        return
+    export = export_model(model, tok, cfg, items, ckpt_dir / "export", state_dict=weights, item_emb=item_emb)
     np.save(export / "probe_interests.npy", z)
     probe.to_parquet(export / "probe_examples.parquet")
     report_dir = ckpt_dir / "report"
     report_dir.mkdir()
     (report_dir / "eval_report.json").write_text(json.dumps(metrics, indent=2, default=float))
     hr_bars(metrics, path=report_dir / "hr_at_k.png")
-    maps = model.attention_maps(batch)
     last = maps["attentions"][-1].mean(1)  # [B, T, T], heads averaged
     q = maps["query_positions"][0, 0].item()
     attn = last[:8, q, :].cpu().numpy()
