@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     result = train_plain(cfg)
     summary = {"command": "python " + " ".join(sys.argv),
-               **{k: result[k] for k in ("popularity", "before", "after", "steps", "seconds")}}
+               **{k: result[k] for k in ("popularity", "before", "after", "best_epoch", "best", "test", "steps", "seconds")
+                  if k in result}}
     print(json.dumps(summary, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(summary, indent=2))

@@ -62,6 +62,11 @@ class ModelConfig:
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     dtype: Literal["fp32", "bf16"] = "fp32"  # weights as loaded; DeepSpeed casts on its own
     gradient_checkpointing: bool = False
+    # arch=sasrec only: the ID-only SASRec baseline (positions up to data.max_history)
+    sasrec_hidden: int = 64
+    sasrec_layers: int = 2
+    sasrec_heads: int = 2
+    sasrec_dropout: float = 0.5
 
 
 @dataclass
@@ -214,6 +219,8 @@ def _validate(cfg: Config) -> Config:
     need(cfg.model.embed_dim >= 2, "model.embed_dim: must be at least 2")
     need(cfg.model.tiny_hidden % cfg.model.tiny_heads == 0, "model.tiny_hidden: must be divisible by model.tiny_heads")
     need(cfg.model.rec_soft_tokens >= 1, "model.rec_soft_tokens: must be at least 1")
+    need(cfg.model.sasrec_hidden % cfg.model.sasrec_heads == 0, "model.sasrec_hidden: must be divisible by model.sasrec_heads")
+    need(0 <= cfg.model.sasrec_dropout < 1, "model.sasrec_dropout: must be in [0, 1)")
     need(cfg.loss.w_gen >= 0 and cfg.loss.w_rec >= 0, "loss.w_gen / loss.w_rec: weights must be >= 0")
     need(cfg.loss.tau_init > 0, "loss.tau_init: the temperature must be > 0")
     need(cfg.loss.n_negatives >= 0, "loss.n_negatives: must be >= 0")

@@ -19,8 +19,13 @@ def image_matrix(items: pd.DataFrame) -> torch.Tensor | None:
 
 
 def build_model(cfg: Config, items: pd.DataFrame, log=print, seed: int | None = None) -> tuple[KarmaModel, Tokenizer]:
-    """A fresh KARMA model (pretrained backbone where configured) and its tokenizer."""
+    """A fresh KARMA model (pretrained backbone where configured) and its tokenizer; with
+    model.arch=sasrec the ID-only SASRec baseline and a tokenizer stand-in (it reads no text)."""
     torch.manual_seed(cfg.train.seed if seed is None else seed)
+    if cfg.model.arch == "sasrec":
+        from karma.sasrec import IdOnlyTokenizer, SASRec
+
+        return SASRec(cfg.model, n_items=len(items), max_len=cfg.data.max_history), IdOnlyTokenizer()
     texts = item_texts(items)
     text_emb = text_embeddings(texts, cfg.data.text_encoder, cfg.data.cache_dir, log=log)
     backbone, tok = load_backbone(cfg.model, texts, cfg.data.cache_dir, log=log)

@@ -14,6 +14,7 @@ from karma.factory import build_model
 from karma.optim import make_scheduler, param_groups
 from karma.pipeline import prepare
 from karma.progress import Progress
+from karma.sasrec import sasrec_loss
 from karma.step import NegativeSampler, karma_losses, prepare_batch
 
 
@@ -30,7 +31,8 @@ def total_steps(cfg: Config, n_train: int, world: int = 1) -> int:
 
 
 def train_plain(cfg: Config, log=print) -> dict:
-    """Train on cfg's data; returns validation metrics before/after and the popularity baseline."""
+    """Train on cfg's data; returns validation metrics before/after and the popularity baseline,
+    and test metrics of the weights with the best validation NDCG@10 (restored into the model)."""
     device = pick_device(cfg.train.device)
     prep = prepare(cfg.data, log)
     valid = prep.split.valid
@@ -52,6 +54,7 @@ def train_plain(cfg: Config, log=print) -> dict:
     progress = Progress(steps, cfg.train.log_every, log)
     rng = np.random.default_rng(cfg.train.seed)
     step, epoch, best, stale, start = 0, 0, -1.0, 0, time.time()
+    best_state, best_epoch = None, 0
     while step < steps:
         epoch += 1
         model.train()
@@ -60,7 +63,10 @@ def train_plain(cfg: Config, log=print) -> dict:
         train = prep.split.train.iloc[order[:usable]]
         for i, raw in enumerate(batches(train, cfg.train.batch_size, cfg.data.max_history)):
             batch = prepare_batch(raw, model, tok, device)
-            loss, parts = karma_losses(model, batch, cfg.loss, sampler)
+            if cfg.model.arch == "sasrec":
+                loss, parts = sasrec_loss(model, batch)
+            else:
+                loss, parts = karma_losses(model, batch, cfg.loss, sampler)
             (loss / cfg.train.grad_accum).backward()
             if (i + 1) % cfg.train.grad_accum:
                 continue
@@ -77,12 +83,19 @@ def train_plain(cfg: Config, log=print) -> dict:
         log(f"epoch {epoch}: valid HR@10={metrics['HR@10']:.4f} NDCG@10={metrics['NDCG@10']:.4f} "
             f"({time.time() - start:.0f}s)")
         if metrics["NDCG@10"] > best:
-            best, stale = metrics["NDCG@10"], 0
+            best, stale, best_epoch = metrics["NDCG@10"], 0, epoch
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         else:
             stale += 1
             if cfg.train.early_stop_patience and stale >= cfg.train.early_stop_patience:
                 log(f"early stop: no NDCG@10 gain for {stale} epochs")
                 break
     result.update(after=result["epochs"][-1], steps=step, seconds=time.time() - start)
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    result.update(best_epoch=best_epoch, best=result["epochs"][best_epoch - 1] if best_epoch else None,
+                  test=retrieval_metrics(model, prep.split.test, tok, cfg.data.max_history, device, ks))
+    log(f"test (weights of epoch {best_epoch}): HR@10={result['test']['HR@10']:.4f} "
+        f"NDCG@10={result['test']['NDCG@10']:.4f}")
     result["model"], result["tokenizer"], result["prepared"] = model, tok, prep
     return result
