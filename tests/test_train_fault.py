@@ -24,7 +24,8 @@ def setup(tmp_path_factory, cache_dir):
     per_epoch, total = steps_plan(cfg, len(prepare(cfg.data, log=lambda m: None).split.train))
     marker = root / "fault-happened"
     fail_at = per_epoch + 2  # inside epoch 2, after epoch 1's checkpoint
-    ray.init(num_cpus=3, runtime_env={"env_vars": {FAULT_ENV: f"{fail_at}:{marker}", "OMP_NUM_THREADS": "1"}})
+    ray.init(address="local", num_cpus=3,
+             runtime_env={"env_vars": {FAULT_ENV: f"{fail_at}:{marker}", "OMP_NUM_THREADS": "1"}})
     yield cfg, root, marker, fail_at, per_epoch, total
     ray.shutdown()
 
