@@ -121,3 +121,16 @@ def test_export_roundtrip(built, items, cache_dir, tmp_path):
 def test_missing_export_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a KARMA export"):
         load_export(tmp_path)
+
+
+def test_lora_trains_adapters_only_and_exports(items, cache_dir, tmp_path):
+    cfg = tiny_cfg(cache_dir, "model.lora=true", "model.lora_r=4")
+    model, tok = build_model(cfg, items, log=None)
+    backbone_trainable = [n for n, p in model.backbone.named_parameters() if p.requires_grad]
+    assert backbone_trainable and all("lora_" in n for n in backbone_trainable)
+    model.eval()
+    hist = [[0, 1, 2], [5, 6]]
+    export_model(model, tok, cfg, items, tmp_path / "lora")
+    want = model.interests(prepare_batch(collate({"user_id": [0, 1], "history": hist, "target": [0, 0],
+                                                  "query": ["", ""], "shown": [[], []]}, 10), model, tok, "cpu"))["z"]
+    np.testing.assert_allclose(load_export(tmp_path / "lora").interests(hist), want.detach().numpy(), atol=1e-6)
