@@ -6,7 +6,6 @@ import hashlib
 import importlib.util
 import json
 import re
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -173,7 +172,3 @@ def text_embeddings(texts: Sequence[str], encoder: str, cache_dir: str | Path, l
     np.save(tmp, emb)
     tmp.replace(path)
     return emb
-
-
-def stderr_log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
