@@ -194,16 +194,14 @@ class KarmaModel(nn.Module):
         embeds, mask = self._prefix(batch)
         hidden = self._run(embeds, mask).last_hidden_state
         z, mix = self._read_interests(hidden, embeds.shape[1])
-        return {"z": z, "mix_logits": mix}
+        return {"z": z, "mix_logits": mix, "n_tokens": mask.sum()}
 
     def forward(self, batch: dict, gen_rows: torch.Tensor | None = None) -> dict:
         """Interests, plus generation logits for `gen_rows` (bool [B]) in the same forward."""
+        if gen_rows is None:
+            return self.interests(batch)
         embeds, mask = self._prefix(batch)
         n_prefix = embeds.shape[1]
-        if gen_rows is None:
-            hidden = self._run(embeds, mask).last_hidden_state
-            z, mix = self._read_interests(hidden, n_prefix)
-            return {"z": z, "mix_logits": mix, "n_tokens": mask.sum()}
         t_emb, t_mask, labels = self._text_part(batch["target"], self.prompts.gen)
         labels = labels.masked_fill(~gen_rows.unsqueeze(1), -100)
         full_mask = torch.cat([mask, t_mask], 1)
