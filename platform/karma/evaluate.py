@@ -31,24 +31,13 @@ def interest_embeddings(model: KarmaModel, examples: pd.DataFrame, tok: Tokenize
     return torch.cat(out).numpy()
 
 
-@torch.no_grad()
-def item_tower(model: KarmaModel, device) -> np.ndarray:
-    model.eval()
-    return model.item_embeddings().float().cpu().numpy()
-
-
 def retrieval_metrics(model: KarmaModel, examples: pd.DataFrame, tok: Tokenizer, max_history: int,
-                      device, ks=(10, 50, 200), exclude_history: bool = False) -> dict[str, float]:
+                      device, ks=(10, 50, 200)) -> dict[str, float]:
     """HR@K / NDCG@K over the full item pool (faiss) and exact MRR."""
     z = interest_embeddings(model, examples, tok, max_history, device)
-    items = item_tower(model, device)
-    exclude = None
-    if exclude_history:
-        width = max(1, max(len(h) for h in examples["history"]))
-        exclude = np.full((len(examples), width), -1, dtype=np.int64)
-        for i, h in enumerate(examples["history"]):
-            exclude[i, : len(h)] = h
-    return evaluate_retrieval(z, items, examples["target"].to_numpy(), ks=tuple(ks), exclude=exclude)
+    with torch.no_grad():
+        items = model.item_embeddings().float().cpu().numpy()
+    return evaluate_retrieval(z, items, examples["target"].to_numpy(), ks=tuple(ks))
 
 
 def popularity_metrics(counts: np.ndarray, examples: pd.DataFrame, ks=(10, 50, 200)) -> dict[str, float]:
