@@ -11,6 +11,7 @@ from karma.metrics import (
     fidelity_report,
     gauc,
     hit_rate,
+    long_tail_report,
     mean_pairwise_cosine,
     mrr,
     ndcg,
@@ -19,6 +20,7 @@ from karma.metrics import (
     sink_stats,
     target_ranks,
     token_f1,
+    uniform_sink_rate,
 )
 
 
@@ -205,3 +207,46 @@ def test_category_match_and_report():
     assert math.isnan(fidelity_report(["a"], ["a"], None)["category_match"])
     with pytest.raises(ValueError, match="refs"):
         fidelity_report(["a"], [], None)
+
+
+def test_long_tail_report_by_hand():
+    ranks = [1, 3, 20, math.inf, 2, 7]
+    counts = [0, 4, 5, 2, 10, 5]  # a count equal to the threshold is not in the tail
+    r = long_tail_report(ranks, counts, threshold=5, ks=(2, 10))
+    # tail = queries 0, 1, 3 with ranks 1, 3, inf
+    assert r["tail/n_queries"] == 3
+    assert r["tail/HR@2"] == pytest.approx(1 / 3)
+    assert r["tail/HR@10"] == pytest.approx(2 / 3)
+    assert r["tail/NDCG@10"] == pytest.approx((1 + 1 / math.log2(4)) / 3)
+    assert r["tail/MRR"] == pytest.approx((1 + 1 / 3) / 3)
+    assert set(r) == {"tail/HR@2", "tail/NDCG@2", "tail/HR@10", "tail/NDCG@10", "tail/MRR", "tail/n_queries"}
+    # the threshold is a parameter: below 1 leaves only the never-trained target
+    one = long_tail_report(torch.tensor(ranks), np.array(counts), threshold=1, ks=(10,), prefix="cold/")
+    assert one == {"cold/HR@10": 1.0, "cold/NDCG@10": 1.0, "cold/MRR": 1.0, "cold/n_queries": 1}
+
+
+def test_long_tail_report_without_tail_and_bad_input():
+    r = long_tail_report([1, 2], [5, 9], threshold=5, ks=(10,))
+    assert r["tail/n_queries"] == 0 and math.isnan(r["tail/HR@10"]) and math.isnan(r["tail/MRR"])
+    with pytest.raises(ValueError, match="one count per rank"):
+        long_tail_report([1, 2, 3], [0, 1])
+    with pytest.raises(ValueError, match="non-negative"):
+        long_tail_report([1, 2], [0, -1])
+    with pytest.raises(ValueError, match="ranks"):
+        long_tail_report([0, 2], [0, 1])
+
+
+def test_uniform_sink_rate_matches_sink_stats_on_uniform_attention():
+    # left-padded prompts of 3, 9, 10 and 12 valid tokens: H_n / n > 0.3 exactly for n <= 9
+    T = 12
+    lengths = [3, 9, 10, 12]
+    mask = torch.tensor([[t >= T - n for t in range(T)] for n in lengths])
+    assert uniform_sink_rate(mask) == pytest.approx(0.5)
+    causal = torch.tril(torch.ones(T, T)).bool() & mask.unsqueeze(1) & mask.unsqueeze(2)
+    uniform = causal.float() / causal.float().sum(-1, keepdim=True).clamp(min=1)
+    attn = [uniform.unsqueeze(1).expand(-1, 2, -1, -1)]  # one layer, two heads
+    stats = sink_stats(attn, mask, torch.zeros_like(mask))
+    assert stats["sink_rate_first"] == pytest.approx(uniform_sink_rate(mask))
+    assert uniform_sink_rate(mask, threshold=0.2) == 1.0
+    with pytest.raises(ValueError, match="no valid token"):
+        uniform_sink_rate(torch.zeros(1, 3, dtype=torch.bool))

@@ -22,9 +22,11 @@ __all__ = [
     "ndcg",
     "mrr",
     "ranking_report",
+    "long_tail_report",
     "auc",
     "gauc",
     "sink_stats",
+    "uniform_sink_rate",
     "readout_collapse",
     "effective_rank",
     "mean_pairwise_cosine",
@@ -114,6 +116,32 @@ def ranking_report(ranks: ArrayLike, ks: Sequence[int] = (10, 50, 200)) -> dict[
         out[f"HR@{k}"] = hit_rate(ranks, k)
         out[f"NDCG@{k}"] = ndcg(ranks, k)
     out["MRR"] = mrr(ranks)
+    return out
+
+
+def long_tail_report(
+    ranks: ArrayLike,
+    target_counts: ArrayLike,
+    threshold: int = 5,
+    ks: Sequence[int] = (10, 50, 200),
+    prefix: str = "tail/",
+) -> dict[str, float]:
+    """ranking_report over the queries whose target has fewer than `threshold` training
+    interactions (`target_counts[i]` belongs to query i's target), keys prefixed `tail/`;
+    `tail/n_queries` counts them. With no such query the metrics are nan, not an error:
+    a split may simply have no rare targets."""
+    r = _ranks(ranks)
+    c = _np(target_counts).reshape(-1)
+    if c.shape != r.shape:
+        raise ValueError(f"target_counts must have one count per rank ({r.size}), got {c.size}")
+    if np.any(c < 0) or np.any(np.isnan(c)):
+        raise ValueError("target_counts must be non-negative")
+    tail = c < threshold
+    n = int(tail.sum())
+    report = ranking_report(r[tail], ks) if n else {
+        **{f"{m}@{k}": float("nan") for k in ks for m in ("HR", "NDCG")}, "MRR": float("nan")}
+    out: dict[str, float] = {f"{prefix}{key}": value for key, value in report.items()}
+    out[f"{prefix}n_queries"] = n
     return out
 
 
@@ -235,6 +263,21 @@ def sink_stats(
         n_item += int((sink & key_ok).any(dim=2).sum())
         n_total += sink.shape[0] * sink.shape[1]
     return {"sink_rate_first": n_first / n_total, "sink_rate_item": n_item / n_total}
+
+
+def uniform_sink_rate(attention_mask: torch.Tensor, threshold: float = 0.3) -> float:
+    """The sink_rate_first that uniform causal attention scores on these examples: the level
+    short sequences reach with no sink at all. Uniform attention gives the first of n valid
+    tokens the importance H_n / n (harmonic number), above 0.3 for every n <= 9."""
+    m = _t(attention_mask).bool()
+    if m.dim() != 2:
+        raise ValueError(f"attention_mask must be [B,T], got shape {tuple(m.shape)}")
+    n = m.sum(dim=1).cpu().double()
+    if not (n > 0).all():
+        raise ValueError("attention_mask has an example with no valid token")
+    harmonic = torch.cumsum(1.0 / torch.arange(1, m.shape[1] + 1, dtype=torch.float64), 0)
+    importance = harmonic[n.long() - 1] / n
+    return float((importance > threshold).double().mean())
 
 
 def readout_collapse(
