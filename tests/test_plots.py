@@ -66,3 +66,23 @@ def test_arms_plot_png(tmp_path: Path) -> None:
     assert len(fig.axes[0].patches) == 3
     with pytest.raises(ValueError, match="std"):
         arms_plot(table.drop(columns=["std"]))
+
+
+def test_arms_plot_wraps_many_metrics(tmp_path: Path) -> None:
+    metrics = ["HR@10", "NDCG@10", "MRR", "tail/HR@10", "tail/NDCG@10", "sink_rate_first", "token_f1"]
+    table = pd.DataFrame([{"arm": arm, "metric": m, "mean": 0.1 * (i + 1), "std": 0.01}
+                          for arm in ("action-only", "KARMA") for i, m in enumerate(metrics)])
+    out = tmp_path / "arms.png"
+    fig = arms_plot(table, out, per_row=4)
+    h, w = _png_shape(out)
+    assert h > w / 3 and w < 2500  # two rows of four slots, not one row of seven panels
+    assert [ax.get_title() for ax in fig.axes] == metrics  # the empty eighth slot is removed
+    with pytest.raises(ValueError, match="per_row"):
+        arms_plot(table, per_row=0)
+
+
+def test_attention_heatmap_row_title() -> None:
+    attn = np.full((4, 6), 1 / 6)
+    fig = attention_heatmap(attn, ["L1 H1", "L1 H2", "L2 H1", "L2 H2"], [f"item-{k}" for k in range(5, 0, -1)] + ["INT1"],
+                            "one user", row_title="layer, head")
+    assert fig.axes[0].get_ylabel() == "layer, head"

@@ -75,8 +75,10 @@ def attention_heatmap(
     key_labels: Sequence[str],
     title: str,
     path: str | Path | None = None,
+    row_title: str = "example",
 ) -> Figure:
-    """Heatmap of the interest token's attention (rows: examples, columns: positions)."""
+    """Heatmap of the interest token's attention (rows: examples, or the layers and heads of
+    one example; columns: positions)."""
     a = np.asarray(attn, dtype=float)
     if a.ndim != 2:
         raise ValueError(f"attention_heatmap: attn must be 2-D [rows, keys], got shape {a.shape}")
@@ -100,23 +102,30 @@ def attention_heatmap(
     ax.set_yticks(range(0, rows, rstep), [str(row_labels[i]) for i in range(0, rows, rstep)],
                   fontsize=8)
     ax.set_xlabel("sequence position")
-    ax.set_ylabel("example")
+    ax.set_ylabel(row_title)
     ax.set_title(title)
     return _finish(fig, path)
 
 
-def arms_plot(table: pd.DataFrame, path: str | Path | None = None) -> Figure:
-    """One panel per metric: a bar per arm (mean) with its std as error bar."""
+def arms_plot(table: pd.DataFrame, path: str | Path | None = None, per_row: int = 5) -> Figure:
+    """One panel per metric, `per_row` panels a row: a bar per arm (mean) with its std as error bar."""
     missing = {"arm", "metric", "mean", "std"} - set(table.columns)
     if missing:
         raise ValueError(
             f"arms_plot: table lacks columns {sorted(missing)}; it needs arm, metric, mean, std")
     if table.empty:
         raise ValueError("arms_plot: table has no rows")
+    if per_row < 1:
+        raise ValueError(f"arms_plot: per_row must be >= 1, got {per_row}")
     metrics = list(dict.fromkeys(table["metric"]))  # first-seen order
     arms = list(dict.fromkeys(table["arm"]))
-    fig = _figure(max(4.0, 3.2 * len(metrics)), 3.8, layout="constrained")
-    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    ncols = min(len(metrics), per_row)
+    nrows = -(-len(metrics) // ncols)
+    fig = _figure(max(4.0, 3.2 * ncols), 3.8 * nrows, layout="constrained")
+    grid = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax in grid[len(metrics):]:  # empty slots of the last row
+        fig.delaxes(ax)
+    axes = grid[: len(metrics)]
     colors = [f"C{i % 10}" for i in range(len(arms))]
     for ax, metric in zip(axes, metrics):
         sub = table[table["metric"] == metric].set_index("arm")
@@ -126,5 +135,6 @@ def arms_plot(table: pd.DataFrame, path: str | Path | None = None) -> Figure:
         ax.set_xticks(range(len(arms)), arms, rotation=30, ha="right", fontsize=8)
         ax.set_title(str(metric))
         ax.grid(axis="y", alpha=0.3)
-    axes[0].set_ylabel("mean ± std over seeds")
+    for ax in axes[::ncols]:
+        ax.set_ylabel("mean ± std over seeds")
     return _finish(fig, path)
