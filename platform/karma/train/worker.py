@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from karma.config import Config, from_dict
 from karma.data import collate
-from karma.evaluate import batches, semantic_analyses
+from karma.evaluate import batches, semantic_analyses, tail_metrics
 from karma.export import export_model
 from karma.factory import build_model
 from karma.progress import Progress
@@ -138,7 +138,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             raise RuntimeError(f"worker {rank}: data shard ran out after {micro} batches in epoch {epoch + 1}; "
                                "shards must hold equal row counts (drop_last)")
         state["epoch"], state["batch_in_epoch"] = epoch + 1, 0
-        metrics = _evaluate(engine, valid, items, tok, cfg, device, rank, world)
+        metrics = _evaluate(engine, valid, items, tok, cfg, device, rank, world, counts)
         metrics.update(epoch=epoch + 1, step=state["step"], epoch_seconds=time.time() - start)
         state["best"] = max(state["best"], metrics["NDCG@10"])
         log(f"epoch {epoch + 1}: valid HR@10={metrics['HR@10']:.4f} NDCG@10={metrics['NDCG@10']:.4f} "
@@ -153,7 +153,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-def _evaluate(engine, valid, items, tok, cfg: Config, device, rank: int, world: int) -> dict:
+def _evaluate(engine, valid, items, tok, cfg: Config, device, rank: int, world: int, counts=None) -> dict:
     """Full-corpus HR@K / NDCG@K (faiss) and MRR on rank 0, the analyses on every worker;
     rank 0's numbers are broadcast so every worker reports the same metrics."""
     z = distributed_interests(engine, valid, tok, cfg, device, rank, world)
@@ -162,6 +162,8 @@ def _evaluate(engine, valid, items, tok, cfg: Config, device, rank: int, world: 
         item_emb = engine.module.item_embeddings().float().cpu()
     if rank == 0:
         metrics = evaluate_retrieval(z, item_emb, valid["target"].to_numpy(), ks=tuple(cfg.train.ks))
+        if counts is not None:  # the long-tail breakdown (tail/...), by training-target counts
+            metrics.update(tail_metrics(z, item_emb, valid["target"].to_numpy(), counts, cfg.train.ks))
     if cfg.train.analysis_examples:
         # Every worker runs the same analyses (ZeRO-3 forwards are collective); rank 0's count.
         report, _ = semantic_analyses(engine.module, valid, items, tok, cfg.data.max_history, device,

@@ -1,0 +1,91 @@
+"""karma.evaluate: the long-tail breakdown agrees with the overall metrics on the same queries,
+the attention read-out of one example is labelled position by position, and the Ray worker's
+eval report carries the breakdown."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import tiny_cfg
+from karma.evaluate import interest_attention, longest_history, semantic_analyses, tail_metrics
+from karma.factory import build_model
+from karma.retrieval import evaluate_retrieval
+
+
+@pytest.fixture(scope="module")
+def vectors():
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(200, 8)).astype(np.float32)
+    items = rng.normal(size=(60, 8)).astype(np.float32)
+    targets = rng.integers(0, 60, size=200)
+    return z, items, targets
+
+
+def test_tail_of_everything_is_the_overall_report(vectors):
+    z, items, targets = vectors
+    overall = evaluate_retrieval(z, items, targets, ks=(10, 50))
+    tail = tail_metrics(z, items, targets, np.zeros(60, dtype=np.int64), ks=(10, 50))
+    assert tail["tail/n_queries"] == overall["n_queries"] == 200
+    for key in ("HR@10", "NDCG@10", "HR@50", "NDCG@50", "MRR"):
+        assert tail[f"tail/{key}"] == pytest.approx(overall[key], abs=1e-9), key
+
+
+def test_tail_selects_the_rare_targets(vectors):
+    z, items, targets = vectors
+    counts = np.where(np.arange(60) % 3 == 0, 2, 7)  # every third item is rare
+    tail = tail_metrics(z, items, targets, counts, ks=(10,))
+    rare = counts[targets] < 5
+    sub = evaluate_retrieval(z[rare], items, targets[rare], ks=(10,))
+    assert tail["tail/n_queries"] == int(rare.sum()) > 0
+    assert tail["tail/HR@10"] == pytest.approx(sub["HR@10"]) and tail["tail/MRR"] == pytest.approx(sub["MRR"])
+    # torch inputs (as the Ray worker passes them) give the same numbers
+    again = tail_metrics(torch.from_numpy(z), torch.from_numpy(items), targets, counts, ks=(10,))
+    assert again == pytest.approx(tail)
+    assert tail_metrics(z, items, targets, counts, ks=(10,), threshold=100)["tail/n_queries"] == 200
+
+
+@pytest.fixture(scope="module")
+def built(items, cache_dir):
+    return build_model(tiny_cfg(cache_dir, "model.dropout=0.0"), items, log=None)
+
+
+def examples(n: int) -> pd.DataFrame:
+    hist = [[(u + j) % 30 for j in range(1 + u % 5)] for u in range(n)]
+    return pd.DataFrame({"user_id": range(n), "history": hist, "target": [(u * 7) % 30 for u in range(n)],
+                         "query": [""] * n, "shown": [[]] * n})
+
+
+def test_interest_attention_of_one_example(built):
+    model, tok = built
+    ex = examples(12)
+    row = longest_history(ex)
+    assert row == 4 and len(ex["history"].iloc[row]) == 5  # the first of the longest
+    attn, rows, keys = interest_attention(model, ex.iloc[[row]], tok, 20, "cpu")
+    layers, heads = model.cfg.tiny_layers, model.cfg.tiny_heads
+    assert attn.shape == (layers * heads, 6) and rows[0] == "L1 H1" and rows[-1] == f"L{layers} H{heads}"
+    assert keys == ["item-5", "item-4", "item-3", "item-2", "item-1", "INT1"]
+    np.testing.assert_allclose(attn.sum(axis=1), 1.0, atol=1e-5)  # INT_1 is the last token: it sees all
+
+
+def test_semantic_analyses_report_the_uniform_reference(built, items):
+    model, tok = built
+    report, pairs = semantic_analyses(model, examples(10), items, tok, 20, "cpu", n=10, decode_tokens=4)
+    # histories of 1..5 items + INT_1: 2..6 tokens, all short enough to "sink" under uniform attention
+    assert report["sink_rate_first_uniform"] == 1.0
+    assert 0 <= report["sink_rate_first"] <= 1 and report["effective_rank"] >= 1 and len(pairs) == 8
+
+
+def test_worker_eval_report_has_the_tail(built, items):
+    from karma.train.worker import _evaluate
+
+    model, tok = built
+    cfg = tiny_cfg("unused", "train.analysis_examples=0")
+    valid = examples(40)
+    counts = np.where(np.arange(30) < 10, 1, 20)
+    metrics = _evaluate(SimpleNamespace(module=model), valid, items, tok, cfg, "cpu", 0, 1, counts)
+    assert metrics["tail/n_queries"] == int((counts[valid["target"]] < 5).sum()) > 0
+    assert {"tail/HR@10", "tail/NDCG@10", "tail/MRR", "HR@10"} <= set(metrics)
+    assert "tail/HR@10" not in _evaluate(SimpleNamespace(module=model), valid, items, tok, cfg, "cpu", 0, 1)
