@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from karma.config import Config
-from karma.evaluate import batches, popularity_metrics, retrieval_metrics
+from karma.evaluate import batches, popularity_metrics, retrieval_metrics, semantic_analyses
 from karma.factory import build_model
 from karma.optim import make_scheduler, param_groups
 from karma.pipeline import prepare
@@ -32,7 +32,10 @@ def total_steps(cfg: Config, n_train: int, world: int = 1) -> int:
 
 def train_plain(cfg: Config, log=print) -> dict:
     """Train on cfg's data; returns validation metrics before/after and the popularity baseline,
-    and test metrics of the weights with the best validation NDCG@10 (restored into the model)."""
+    and test metrics of the weights with the best validation NDCG@10 (restored into the model).
+    Every metric set carries its long-tail breakdown (`tail/...`); with train.analysis_examples
+    > 0, `analyses` holds the semantic analyses of that many test examples (sinks, read-out
+    collapse, effective rank, decoded-text fidelity) and `decoded` a few (decoded, reference) pairs."""
     device = pick_device(cfg.train.device)
     prep = prepare(cfg.data, log)
     valid = prep.split.valid
@@ -41,7 +44,8 @@ def train_plain(cfg: Config, log=print) -> dict:
     model, tok = build_model(cfg, prep.data.items, log=log)
     model.to(device)
     ks = cfg.train.ks
-    evaluate = lambda: retrieval_metrics(model, valid, tok, cfg.data.max_history, device, ks)  # noqa: E731
+    evaluate = lambda: retrieval_metrics(model, valid, tok, cfg.data.max_history, device, ks,  # noqa: E731
+                                         counts=prep.counts)
 
     result = {"popularity": popularity_metrics(prep.counts, valid, ks), "before": evaluate(), "epochs": []}
     log(f"popularity baseline HR@10={result['popularity']['HR@10']:.4f}; "
@@ -94,8 +98,16 @@ def train_plain(cfg: Config, log=print) -> dict:
     if best_state is not None:
         model.load_state_dict(best_state)
     result.update(best_epoch=best_epoch, best=result["epochs"][best_epoch - 1] if best_epoch else None,
-                  test=retrieval_metrics(model, prep.split.test, tok, cfg.data.max_history, device, ks))
+                  test=retrieval_metrics(model, prep.split.test, tok, cfg.data.max_history, device, ks,
+                                         counts=prep.counts))
     log(f"test (weights of epoch {best_epoch}): HR@10={result['test']['HR@10']:.4f} "
-        f"NDCG@10={result['test']['NDCG@10']:.4f}")
+        f"NDCG@10={result['test']['NDCG@10']:.4f} tail/HR@10={result['test']['tail/HR@10']:.4f}")
+    if cfg.train.analysis_examples:
+        result["analyses"], result["decoded"] = semantic_analyses(
+            model, prep.split.test, prep.data.items, tok, cfg.data.max_history, device,
+            n=cfg.train.analysis_examples, decode_tokens=cfg.data.text_max_tokens)
+        result["analyses"]["n_examples"] = min(cfg.train.analysis_examples, len(prep.split.test))
+        log(f"test analyses: sink_rate_first={result['analyses']['sink_rate_first']:.3f} "
+            f"effective_rank={result['analyses']['effective_rank']:.1f} token_f1={result['analyses']['token_f1']:.3f}")
     result["model"], result["tokenizer"], result["prepared"] = model, tok, prep
     return result
