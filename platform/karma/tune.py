@@ -662,7 +662,10 @@ def run_sweep(space: Space, cfg: Config, resume: bool = False, log: Callable[[st
 # ---------------------------------------------------------------- the ablation report
 
 
-REPORT_METRICS = ("sink_rate_first", "token_f1", "category_match")  # sink rate and fidelity
+# Besides HR@K / NDCG@K: MRR, the long-tail breakdown (targets with few training interactions),
+# sink rate, read-out collapse, embedding health and fidelity. A metric no trial reported is left out.
+REPORT_METRICS = ("MRR", "tail/HR@10", "tail/NDCG@10", "tail/MRR", "sink_rate_first", "sink_rate_item", "barcode",
+                  "effective_rank", "token_f1", "category_match")
 
 
 def arm_label(trial: TrialSummary, space: Space) -> str:
