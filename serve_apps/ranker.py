@@ -74,22 +74,10 @@ class InterestsResponse(BaseModel):
     model_version: str | None
 
 
-class ScoredItem(BaseModel):
-    item_id: int
-    score: float
-
-
 class RecallResponse(BaseModel):
-    items: list[ScoredItem] = Field(description="best first; max over heads of the inner product")
+    item_ids: list[int] = Field(description="best first; the history's items left out unless exclude_history=false")
+    scores: list[float] = Field(description="one per item_ids entry: max over heads of the inner product")
     model_version: str | None
-
-
-class CandidateFeatures(BaseModel):
-    item_id: int
-    head_scores: list[float] = Field(description="inner product with each interest head")
-    max: float
-    mixture: float = Field(description="softmax(mixture logits)-weighted head scores; = max for a max-reduce model")
-    cosine: float = Field(description="cosine of the mean interest vector with the item")
 
 
 class UserFeatures(BaseModel):
@@ -104,7 +92,13 @@ class UserFeatures(BaseModel):
 
 
 class RankResponse(BaseModel):
-    features: list[CandidateFeatures] = Field(description="one entry per candidate, in request order")
+    """Columns, one entry per candidate in request order: what a ranker reads as feature columns."""
+
+    item_ids: list[int] = Field(description="the candidates, in request order")
+    head_scores: list[list[float]] = Field(description="per candidate, the inner product with each interest head")
+    max: list[float] = Field(description="max over heads of head_scores (what recall ranks by)")
+    mixture: list[float] = Field(description="softmax(mixture logits)-weighted head scores; = max for a max-reduce model")
+    cosine: list[float] = Field(description="cosine of the mean interest vector with the item")
     user: UserFeatures
     model_version: str | None
 
@@ -394,25 +388,22 @@ class Ranker:
     async def interests(self, req: InterestsRequest) -> dict:
         handle, job = self._job("interests", history=req.history, query=req.query)
         out = await self._answer(handle, job)
-        return {"interests": out["interests"].tolist(), "model_version": handle.version}
+        return JSONResponse({"interests": out["interests"].tolist(), "model_version": handle.version})
 
     @app.post(f"/{API_VERSION}/recall", response_model=RecallResponse, dependencies=_auth)
     async def recall(self, req: RecallRequest) -> dict:
         handle, job = self._job("recall", history=req.history, query=req.query, k=req.k,
                                 exclude_history=req.exclude_history)
         out = await self._answer(handle, job)
-        items = [{"item_id": i, "score": s} for i, s in zip(out["item_ids"].tolist(), out["scores"].tolist())]
-        return {"items": items, "model_version": handle.version}
+        return JSONResponse({"item_ids": out["item_ids"].tolist(), "scores": out["scores"].tolist(),
+                             "model_version": handle.version})
 
     @app.post(f"/{API_VERSION}/rank", response_model=RankResponse, dependencies=_auth)
     async def rank(self, req: RankRequest) -> dict:
         handle, job = self._job("rank", history=req.history, query=req.query, candidates=req.candidates)
         out = await self._answer(handle, job)
-        heads = out["head_scores"].tolist()
-        feats = [{"item_id": i, "head_scores": h, "max": m, "mixture": x, "cosine": c}
-                 for i, h, m, x, c in zip(out["item_ids"].tolist(), heads, out["max"].tolist(),
-                                          out["mixture"].tolist(), out["cosine"].tolist())]
-        return {"features": feats, "user": out["user"], "model_version": handle.version}
+        cols = {k: out[k].tolist() for k in ("item_ids", "head_scores", "max", "mixture", "cosine")}
+        return JSONResponse({**cols, "user": out["user"], "model_version": handle.version})
 
     @app.post(f"/{API_VERSION}/noop", dependencies=_auth)
     async def noop(self, req: RecallRequest) -> dict:

@@ -184,6 +184,8 @@ class Load:
 
 
 def test_all_endpoints_answer(server, exports) -> None:
+    from serve_apps.ranker import InterestsResponse, RankResponse, RecallResponse
+
     ids = _item_ids(exports[0])
     c = server.client
     assert c.get("/healthz").json() == {"status": "ok"}
@@ -196,13 +198,17 @@ def test_all_endpoints_answer(server, exports) -> None:
     z = c.post("/v1/interests", json={"history": hist, "query": "gloves"}).json()
     assert np.asarray(z["interests"]).shape == (2, 32) and z["model_version"] == "1"
     rec = c.post("/v1/recall", json={"history": hist, "k": 7}).json()
-    scores = [x["score"] for x in rec["items"]]
-    assert len(scores) == 7 and scores == sorted(scores, reverse=True)
-    assert not {x["item_id"] for x in rec["items"]} & set(hist)
+    scores = rec["scores"]
+    assert len(scores) == len(rec["item_ids"]) == 7 and scores == sorted(scores, reverse=True)
+    assert not set(rec["item_ids"]) & set(hist)
     rank = c.post("/v1/rank", json={"history": hist, "candidates": ids[5:9].tolist()}).json()
-    assert [f["item_id"] for f in rank["features"]] == ids[5:9].tolist()
-    assert all(len(f["head_scores"]) == 2 for f in rank["features"])
+    assert rank["item_ids"] == ids[5:9].tolist()
+    assert np.asarray(rank["head_scores"]).shape == (4, 2)
+    assert all(len(rank[col]) == 4 for col in ("max", "mixture", "cosine"))
     assert rank["user"]["history_length"] == 3 and len(rank["user"]["mixture_weights"]) == 2
+    # the bodies are built by hand for speed: they must still be what the OpenAPI document says
+    for model, body in ((InterestsResponse, z), (RecallResponse, rec), (RankResponse, rank)):
+        assert model.model_validate(body).model_dump() == body
     assert c.post("/v1/noop", json={"history": hist}).json() == {"ok": True, "n": 3}
     paths = c.get("/openapi.json").json()["paths"]
     for p in ("/v1/interests", "/v1/recall", "/v1/rank", "/v1/model", "/v1/noop", "/v1/admin/reload", "/healthz"):
@@ -246,18 +252,17 @@ def test_answers_equal_the_in_process_model(server, exports) -> None:
         z, mix = _reference(m, rows, q)
         np.testing.assert_allclose(z, z_ref, atol=ATOL)
         s, top = exact_topk(torch.from_numpy(z[None]), torch.tensor(m.item_emb), 10, torch.tensor([rows]))
-        assert [x["item_id"] for x in rec["items"]] == ids[top[0].numpy()].tolist()
-        np.testing.assert_allclose([x["score"] for x in rec["items"]], s[0].numpy(), atol=ATOL)
-        feats = rank["features"]
+        assert rec["item_ids"] == ids[top[0].numpy()].tolist()
+        np.testing.assert_allclose(rec["scores"], s[0].numpy(), atol=ATOL)
         heads = emb @ z.T
-        np.testing.assert_allclose([f["head_scores"] for f in feats], heads, atol=ATOL)
-        np.testing.assert_allclose([f["max"] for f in feats], heads.max(1), atol=ATOL)
+        np.testing.assert_allclose(rank["head_scores"], heads, atol=ATOL)
+        np.testing.assert_allclose(rank["max"], heads.max(1), atol=ATOL)
         mixture = head_scores(torch.from_numpy(z[None]), torch.from_numpy(emb), "mixture",
                               torch.from_numpy(mix[None]))[0].numpy()
-        np.testing.assert_allclose([f["mixture"] for f in feats], mixture, atol=ATOL)
+        np.testing.assert_allclose(rank["mixture"], mixture, atol=ATOL)
         mean = z.mean(0)
         cos = emb @ mean / (np.linalg.norm(emb, axis=1) * np.linalg.norm(mean))
-        np.testing.assert_allclose([f["cosine"] for f in feats], cos, atol=ATOL)
+        np.testing.assert_allclose(rank["cosine"], cos, atol=ATOL)
 
 
 # ---- bad requests ----------------------------------------------------------------------------
@@ -317,7 +322,7 @@ def test_bad_request_table_is_big_enough_and_server_still_answers(server, export
     assert len(BAD) >= 15
     ids = _item_ids(exports[0])
     r = server.client.post("/v1/recall", json={"history": ids[:2].tolist(), "k": 3})
-    assert r.status_code == 200 and len(r.json()["items"]) == 3
+    assert r.status_code == 200 and len(r.json()["item_ids"]) == 3
     unknown = server.client.post("/v1/recall", json={"history": [1, 987654321]}).json()
     assert "987654321" in unknown["detail"]  # the unknown id is listed
 
@@ -445,7 +450,7 @@ def test_serve_run_with_the_python_builder(server, exports) -> None:
             info = c.get("/v1/model").json()
             assert info["source"] == str(exports[1]) and info["version"] is None
             ids = _item_ids(exports[1])
-            assert len(c.post("/v1/recall", json={"history": ids[:2].tolist(), "k": 5}).json()["items"]) == 5
+            assert len(c.post("/v1/recall", json={"history": ids[:2].tolist(), "k": 5}).json()["item_ids"]) == 5
             r = c.post("/v1/recall", json={"history": ids[:2].tolist(), "k": 6})
             assert r.status_code == 422 and r.json()["field"] == "k"
             assert c.post("/v1/admin/reload", json={}).status_code == 403  # no token: no admin

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -87,11 +88,15 @@ class InferenceModel:
     meta: dict
     device: torch.device
 
+    @cached_property
+    def _id_index(self) -> pd.Index:
+        return pd.Index(self.items["item_id"])  # its hash table is built once, on first lookup
+
     def rows_of(self, item_ids) -> np.ndarray:
         """Item ids -> rows; -1 where unknown (the caller decides how to complain)."""
-        return pd.Index(self.items["item_id"]).get_indexer(np.asarray(item_ids, dtype=np.int64))
+        return self._id_index.get_indexer(np.asarray(item_ids, dtype=np.int64))
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def encode(self, histories: list, queries: list | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """Interest embeddings [B, H, d] and mixture logits [B, H] (None for a max-reduce model)
         for histories given as item ROWS (oldest first)."""

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from karma.export import InferenceModel, load_export
 from karma.retrieval import ItemIndex
@@ -364,7 +363,6 @@ class ModelHandle:
             "karma_version": m.meta.get("karma_version"), "source": self.source, "loaded_at": self.loaded_at,
         }
 
-    @torch.no_grad()
     def encode(self, histories: Sequence[np.ndarray], queries: Sequence[str | None]
                ) -> tuple[np.ndarray, np.ndarray | None]:
         """Interests z [B,H,d] float32 and mixture logits [B,H] (None for a max-reduce model)."""
