@@ -18,6 +18,9 @@ __all__ = [
     "action_loss",
     "popularity_log_prob",
     "sample_negatives",
+    "inverse_cdf_sample",
+    "chunked_ce_sum",
+    "compile_ce_kernels",
     "token_ce",
     "total_loss",
 ]
@@ -133,18 +136,30 @@ def sample_negatives(
         raise ValueError(f"n must be >= 0, got {n}")
     log_p = popularity_log_prob(counts, power)
     cdf = torch.cumsum(log_p.double().exp(), dim=0)
-    gen_device = generator.device if generator is not None else counts.device
+    return inverse_cdf_sample(cdf, n, generator), log_p
+
+
+def inverse_cdf_sample(cdf: torch.Tensor, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """n ids drawn from an unnormalised float64 CDF [N]: uniform draws, then a binary search.
+
+    Only device ops (rand, searchsorted, clamp): on a GPU with a GPU generator nothing waits
+    for the host, and no shape depends on data."""
+    gen_device = generator.device if generator is not None else cdf.device
     u = torch.rand(n, generator=generator, dtype=torch.float64, device=gen_device).to(cdf.device)
-    ids = torch.searchsorted(cdf, u * cdf[-1], right=True).clamp_(max=counts.numel() - 1)
-    return ids, log_p
+    return torch.searchsorted(cdf, u * cdf[-1], right=True).clamp_(max=cdf.numel() - 1)
 
 
-def token_ce(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+def token_ce(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100, chunk: int = 0
+) -> torch.Tensor:
     """Mean cross-entropy over non-ignored positions; logits[:, t] predicts labels[:, t].
 
     Summing then dividing by max(count, 1) avoids a host sync, and when every label
     is ignored it returns a zero still attached to the graph (grad of zeros), so
     distributed backward passes keep the same set of parameters.
+
+    chunk > 0: rows are upcast to fp32 `chunk` at a time (see `chunked_ce_sum`), so the
+    fp32 copy of a [N, V] vocabulary projection never exists whole; 0: one fp32 pass.
     """
     if logits.dim() != 3:
         raise ValueError(f"logits must be [B,T,V], got shape {tuple(logits.shape)}")
@@ -152,12 +167,66 @@ def token_ce(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -10
         raise ValueError(
             f"labels must be [B,T]={tuple(logits.shape[:2])}, got shape {tuple(labels.shape)}"
         )
+    if chunk < 0:
+        raise ValueError(f"chunk must be >= 0, got {chunk}")
     V = logits.shape[-1]
-    total = F.cross_entropy(
-        logits.reshape(-1, V), labels.reshape(-1), ignore_index=ignore_index, reduction="sum"
-    )
+    flat, flat_labels = logits.reshape(-1, V), labels.reshape(-1)
+    if chunk:
+        total = chunked_ce_sum(flat, flat_labels, chunk, ignore_index)
+    else:
+        total = F.cross_entropy(flat.float(), flat_labels, ignore_index=ignore_index, reduction="sum")
     count = (labels != ignore_index).sum().clamp(min=1)
     return total / count
+
+
+def chunked_ce_sum(logits: torch.Tensor, labels: torch.Tensor, chunk: int, ignore_index: int = -100) -> torch.Tensor:
+    """Summed cross-entropy of logits [N, V] (any float dtype) against labels [N], computed
+    in fp32 `chunk` rows at a time. Saves only the logits (which exist anyway) and one fp32
+    log-sum-exp per row; the backward recomputes the softmax chunk by chunk and writes the
+    gradient in the logits' dtype. Same value as F.cross_entropy(logits.float(), ...)."""
+    return _ChunkedCE.apply(logits, labels, chunk, ignore_index)
+
+
+def compile_ce_kernels() -> None:
+    """torch.compile the per-chunk kernels of `chunked_ce_sum`: the upcast, exp and reductions
+    fuse, so each pass reads the low-precision logits once instead of writing fp32 copies."""
+    _KERNELS.update(lse=torch.compile(_lse_rows, dynamic=False), grad=torch.compile(_ce_grad_rows, dynamic=False))
+
+
+def _lse_rows(x: torch.Tensor) -> torch.Tensor:
+    return torch.logsumexp(x.float(), dim=-1)
+
+
+def _ce_grad_rows(x: torch.Tensor, lse: torch.Tensor, safe: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """(softmax(x) - onehot(safe)) * scale, rowwise, in x's dtype."""
+    p = torch.exp(x.float() - lse.unsqueeze(1))
+    p.scatter_add_(1, safe.unsqueeze(1), torch.full_like(lse, -1.0).unsqueeze(1))
+    return (p * scale.unsqueeze(1)).to(x.dtype)
+
+
+_KERNELS = {"lse": _lse_rows, "grad": _ce_grad_rows}
+
+
+class _ChunkedCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, labels, chunk, ignore_index):
+        valid = labels != ignore_index
+        safe = labels.masked_fill(~valid, 0)
+        lse = torch.cat([_KERNELS["lse"](logits[s : s + chunk]) for s in range(0, logits.shape[0], chunk)])
+        target = logits.gather(1, safe.unsqueeze(1)).squeeze(1).float()
+        ctx.save_for_backward(logits, safe, valid, lse)
+        ctx.chunk = chunk
+        return ((lse - target) * valid).sum()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, safe, valid, lse = ctx.saved_tensors
+        scale = valid.to(torch.float32) * grad_out.float()
+        grad = torch.empty_like(logits)
+        for s in range(0, logits.shape[0], ctx.chunk):
+            e = s + ctx.chunk
+            grad[s:e] = _KERNELS["grad"](logits[s:e], lse[s:e], safe[s:e], scale[s:e])
+        return grad, None, None, None
 
 
 def total_loss(
