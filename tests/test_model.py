@@ -30,11 +30,13 @@ def test_shapes(built, heads):
     d = model.cfg.embed_dim
     assert out["z"].shape == (4, heads, d)
     assert torch.allclose(out["z"].norm(dim=-1), torch.ones(4, heads), atol=1e-5)
-    assert out["gen_logits"].shape == (out["gen_labels"].shape[0], tok.vocab_size)
+    # a static shape: every text position of every row, padding labelled -100
+    assert out["gen_logits"].shape == (4 * model.item_tokens.shape[1], tok.vocab_size)
+    assert out["gen_labels"].shape == (4 * model.item_tokens.shape[1],)
     # every target token and its EOS is a label: lengths of the 4 targets' texts
-    assert out["gen_labels"].shape[0] == int(model.item_token_len[batch["target"]].sum())
+    assert int((out["gen_labels"] != -100).sum()) == int(model.item_token_len[batch["target"]].sum())
     rec = model.reconstruct(out["z"], batch["target"])
-    assert rec["rec_labels"].shape == out["gen_labels"].shape
+    assert torch.equal(rec["rec_labels"], out["gen_labels"])
     assert model.item_embeddings().shape == (30, d)
     maps = model.attention_maps(batch)
     assert len(maps["attentions"]) == model.cfg.tiny_layers

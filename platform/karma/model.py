@@ -121,6 +121,12 @@ class KarmaModel(nn.Module):
         self.temperature = Temperature(tau_init, learn_tau)
         self.register_buffer("item_tokens", item_tokens.long())  # [N, T] target text, EOS, padding
         self.register_buffer("item_token_len", item_token_len.long())  # [N] text + EOS lengths
+        # Fixed prompt ids live on the model's device, made once: torch.tensor(list, device=cuda)
+        # every step would be a blocking host-to-device copy. Not persistent: weights and
+        # checkpoints keep their keys (the ids come from the tokenizer at build time).
+        self.register_buffer("gen_prompt_ids", torch.tensor(prompts.gen, dtype=torch.long), persistent=False)
+        self.register_buffer("rec_prompt_ids", torch.tensor(prompts.rec, dtype=torch.long), persistent=False)
+        self._n_gen_prompt = len(prompts.gen)  # a plain int: slicing with it needs no device value
 
     # ---- pieces ---------------------------------------------------------------------------------
     @property
@@ -144,18 +150,17 @@ class KarmaModel(nn.Module):
             ids = torch.arange(self.n_items, device=self.item_tokens.device)
         return F.normalize(self.item_head(self.items(ids)).float(), dim=-1)
 
-    def _text_part(self, target: torch.Tensor, prompt: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Embeddings, mask and labels of `[prompt] [target text]` (labels aligned to inputs)."""
+    def _text_part(self, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Embeddings and mask of `[next item:] [target text]`, and the labels [B, T] of the
+        text's T labelled positions: the last T, i.e. from column `_n_gen_prompt - 1` on."""
         tokens = self.item_tokens[target]  # [B, T]: text, EOS, padding
         b, t = tokens.shape
         # Real tokens by length, not by pad id: HF tokenizers often pad with EOS itself.
         real = torch.arange(t, device=tokens.device) < self.item_token_len[target].unsqueeze(1)
-        p = torch.tensor(prompt, device=tokens.device).expand(b, -1)
+        p = self.gen_prompt_ids.expand(b, -1)
         ids = torch.cat([p, tokens[:, :-1]], dim=1)
         mask = torch.cat([torch.ones_like(p, dtype=torch.bool), real[:, :-1]], dim=1)
-        ignore = torch.full((b, len(prompt) - 1), -100, device=tokens.device, dtype=torch.long)
-        labels = torch.cat([ignore, tokens.masked_fill(~real, -100)], dim=1)
-        return self.embed_tokens(ids), mask, labels
+        return self.embed_tokens(ids), mask, tokens.masked_fill(~real, -100)
 
     def _prefix(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """[query] [items] [INT_1..H] embeddings and mask; the INT tokens are the last H columns."""
@@ -184,9 +189,11 @@ class KarmaModel(nn.Module):
         return z, mix
 
     def _lm_logits(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """LM-head logits only where a label exists: the vocabulary matmul is the costly part."""
-        keep = labels != -100
-        return self.backbone.get_output_embeddings()(hidden[keep]).float(), labels[keep]
+        """LM-head logits [n*T, V] (the head's dtype) of the labelled slice hidden [n, T, D], and
+        labels [n*T] with -100 at padding. Static shapes: no boolean indexing, so no host sync
+        and nothing that breaks a compiled graph; the cross-entropy ignores the -100 rows and
+        upcasts to fp32 in chunks (karma.losses.token_ce)."""
+        return self.backbone.get_output_embeddings()(hidden.reshape(-1, hidden.shape[-1])), labels.reshape(-1)
 
     # ---- forward passes -----------------------------------------------------------------------
     def interests(self, batch: dict) -> dict:
@@ -196,44 +203,81 @@ class KarmaModel(nn.Module):
         z, mix = self._read_interests(hidden, embeds.shape[1])
         return {"z": z, "mix_logits": mix, "n_tokens": mask.sum()}
 
-    def forward(self, batch: dict, gen_rows: torch.Tensor | None = None) -> dict:
-        """Interests, plus generation logits for `gen_rows` (bool [B]) in the same forward."""
+    def forward(self, batch: dict, gen_rows: int | torch.Tensor | None = None, rec_rows: int = 0,
+                cand_ids: torch.Tensor | None = None) -> dict:
+        """Interests, plus in the same forward the generation logits of `gen_rows` (the first n
+        rows, or a bool [B] mask), the reconstruction branch from z of the first `rec_rows` rows,
+        and the item-tower embeddings of `cand_ids` with the temperature. One call touches every
+        parameter a training step uses, so compiling `forward` compiles the step's whole forward
+        (and DeepSpeed's DeepCompile, which gathers parameters only inside that graph, can work)."""
         if gen_rows is None:
-            return self.interests(batch)
+            out = self.interests(batch)
+        else:
+            out = self._interests_and_generation(batch, gen_rows)
+        if cand_ids is not None:
+            out.update(cand=self.item_embeddings(cand_ids), tau=self.tau)
+        if rec_rows:
+            rec = self.reconstruct(out["z"][:rec_rows], batch["target"][:rec_rows])
+            out.update(rec_logits=rec["rec_logits"], rec_labels=rec["rec_labels"],
+                       n_tokens=out["n_tokens"] + rec["n_tokens"])
+        return out
+
+    def _interests_and_generation(self, batch: dict, gen_rows: int | torch.Tensor) -> dict:
         embeds, mask = self._prefix(batch)
         n_prefix = embeds.shape[1]
-        t_emb, t_mask, labels = self._text_part(batch["target"], self.prompts.gen)
-        labels = labels.masked_fill(~gen_rows.unsqueeze(1), -100)
+        t_emb, t_mask, labels = self._text_part(batch["target"])
         full_mask = torch.cat([mask, t_mask], 1)
         hidden = self._run(torch.cat([embeds, t_emb], 1), full_mask).last_hidden_state
         z, mix = self._read_interests(hidden, n_prefix)
-        logits, flat_labels = self._lm_logits(hidden[:, n_prefix:], labels)
+        text = hidden[:, n_prefix + self._n_gen_prompt - 1 :]  # the T labelled positions
+        if isinstance(gen_rows, torch.Tensor):  # a mask: every row projected, labels of the others ignored
+            labels = labels.masked_fill(~gen_rows.unsqueeze(1), -100)
+        else:  # a prefix of rows: a static slice
+            text, labels = text[:gen_rows], labels[:gen_rows]
+        logits, flat_labels = self._lm_logits(text, labels)
         return {"z": z, "mix_logits": mix, "gen_logits": logits, "gen_labels": flat_labels,
                 "n_tokens": full_mask.sum()}
 
     def _rec_prefix(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[describe the item:] [P_rec(z)]: the embedding alone, no history. Uses head 0."""
         b = z.shape[0]
-        dtype = self.embed_tokens(torch.zeros(1, dtype=torch.long, device=z.device)).dtype
+        instr = self.embed_tokens(self.rec_prompt_ids).unsqueeze(0).expand(b, -1, -1)
         soft = self.rec_proj(z[:, 0].to(self.rec_proj.weight.dtype)).view(b, self.cfg.rec_soft_tokens, self.hidden)
-        instr = torch.tensor(self.prompts.rec, device=z.device).expand(b, -1)
-        embeds = torch.cat([self.embed_tokens(instr), soft.to(dtype)], dim=1)
+        embeds = torch.cat([instr, soft.to(instr.dtype)], dim=1)
         return embeds, torch.ones(embeds.shape[:2], dtype=torch.bool, device=z.device)
 
     def reconstruct(self, z: torch.Tensor, target: torch.Tensor) -> dict:
         """Reconstruction branch: decode the target text from z alone."""
         embeds, mask = self._rec_prefix(z)
-        t_emb, t_mask, labels = self._text_part(target, self.prompts.gen)
+        t_emb, t_mask, labels = self._text_part(target)
         full_mask = torch.cat([mask, t_mask], 1)
         hidden = self._run(torch.cat([embeds, t_emb], 1), full_mask).last_hidden_state
-        logits, flat_labels = self._lm_logits(hidden[:, embeds.shape[1]:], labels)
+        logits, flat_labels = self._lm_logits(hidden[:, embeds.shape[1] + self._n_gen_prompt - 1 :], labels)
         return {"rec_logits": logits, "rec_labels": flat_labels, "n_tokens": full_mask.sum()}
+
+    def compile_parts(self, how: str, dynamic: bool | None = None, backend: str = "inductor") -> None:
+        """torch.compile in place. "decoder": the backbone's decoder (one graph per input shape);
+        "layers": every decoder layer (one graph shared by all, hooks between layers stay
+        outside it: the form that suits ZeRO-3); "model": this module's forward (both branches);
+        "none": nothing."""
+        if how == "none":
+            return
+        decoder = self.backbone.get_decoder()
+        if how == "decoder":
+            decoder.compile(dynamic=dynamic, backend=backend)
+        elif how == "layers":
+            for layer in decoder.layers:
+                layer.compile(dynamic=dynamic, backend=backend)
+        elif how == "model":
+            self.compile(dynamic=dynamic, backend=backend)
+        else:
+            raise ValueError(f"compile: {how!r} is not one of 'none', 'decoder', 'layers', 'model'")
 
     @torch.no_grad()
     def decode_from_z(self, z: torch.Tensor, max_tokens: int) -> list[list[int]]:
         """Greedy decoding of item text from z (fidelity analysis); stops at EOS."""
         embeds, mask = self._rec_prefix(z)
-        gen = torch.tensor(self.prompts.gen, device=z.device).expand(z.shape[0], -1)
+        gen = self.gen_prompt_ids.expand(z.shape[0], -1)
         embeds = torch.cat([embeds, self.embed_tokens(gen)], 1)
         out = torch.empty(z.shape[0], 0, dtype=torch.long, device=z.device)
         for _ in range(max_tokens):
