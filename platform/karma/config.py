@@ -78,6 +78,9 @@ class LossConfig:
     n_negatives: int = 256  # popularity-sampled negatives per step (shared by the batch)
     logq_correction: bool = True
     decode_fraction: float = 1.0  # share of each batch that runs the decoding branches
+    # Rows of vocabulary logits upcast to fp32 at a time in the token cross-entropy; the fp32
+    # copy of all [rows, V] logits never exists at once (0 = one pass over all rows).
+    lm_ce_chunk: int = 1024
 
 
 @dataclass
@@ -113,6 +116,27 @@ class DistConfig:
     keep_checkpoints: int = 2
     storage_path: str = "runs"  # local folder, or shared storage / s3:// on a cluster
     omp_threads: int = 1
+    # torch.compile: "decoder" (the backbone's decoder, one graph per shape), "layers" (each decoder
+    # layer, one graph shared by all layers), "model" (the whole KarmaModel forward, both branches
+    # and the item tower; DeepSpeed's engine.compile()), "none". auto: none on CPU; on GPU decoder,
+    # none under ZeRO-3 (its per-module hooks break compiled graphs), model with deepcompile.
+    compile: Literal["auto", "none", "decoder", "layers", "model"] = "auto"
+    compile_dynamic: bool | None = None  # None: torch's default (static, dynamic after a shape change)
+    # DeepSpeed ZeRO knobs (counts are elements, not bytes); None picks the per-device default
+    # (see karma.train.engine.resolve_dist).
+    overlap_comm: bool | None = None  # auto: on with GPUs (a separate comm stream), off on CPU
+    contiguous_gradients: bool = True
+    reduce_bucket_size: int = 500_000_000
+    allgather_bucket_size: int = 500_000_000  # ZeRO-1/2 only
+    stage3_param_persistence_threshold: int | None = None  # auto: 1e6 on GPU, 1e5 on CPU
+    stage3_prefetch_bucket_size: int | None = None  # auto: 5e7
+    stage3_max_live_parameters: int | None = None  # auto: 1e9
+    # ZeRO-3 swaps nn.Linear's function for one that re-gathers weights in backward instead of
+    # keeping them: less memory, but an autograd.Function around every matmul.
+    stage3_memory_efficient_linear: bool = True
+    # DeepSpeed DeepCompile (ZeRO 1-3 as passes over the compiled graph instead of module hooks;
+    # builds a native op on first use). Needs dist.compile=model (auto picks it).
+    deepcompile: bool = False
 
 
 @dataclass
@@ -225,6 +249,16 @@ def _validate(cfg: Config) -> Config:
     need(cfg.loss.tau_init > 0, "loss.tau_init: the temperature must be > 0")
     need(cfg.loss.n_negatives >= 0, "loss.n_negatives: must be >= 0")
     need(0 < cfg.loss.decode_fraction <= 1, "loss.decode_fraction: must be in (0, 1]")
+    need(cfg.loss.lm_ce_chunk >= 0, "loss.lm_ce_chunk: must be >= 0 (rows per fp32 chunk, e.g. 1024; 0 = unchunked)")
+    for key in ("reduce_bucket_size", "allgather_bucket_size"):
+        need(getattr(cfg.dist, key) > 0, f"dist.{key}: must be > 0 elements, e.g. 500000000")
+    need(not cfg.dist.deepcompile or cfg.dist.compile in ("auto", "model"),
+         f"dist.deepcompile: needs the whole model compiled; set dist.compile=model (it is {cfg.dist.compile!r})")
+    need(not cfg.dist.deepcompile or cfg.dist.zero_stage >= 1,
+         "dist.deepcompile: works with ZeRO stages 1-3; set dist.zero_stage to 1, 2 or 3")
+    for key in ("stage3_param_persistence_threshold", "stage3_prefetch_bucket_size", "stage3_max_live_parameters"):
+        v = getattr(cfg.dist, key)
+        need(v is None or v >= 0, f"dist.{key}: must be >= 0 elements, or null for the per-device default")
     need(cfg.train.batch_size >= 2, "train.batch_size: must be at least 2 (in-batch negatives)")
     need(cfg.train.lr > 0, "train.lr: must be > 0")
     need(cfg.train.epochs >= 1 or cfg.train.max_steps > 0, "train.epochs: must be >= 1 unless train.max_steps is set")
