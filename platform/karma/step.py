@@ -6,14 +6,16 @@ and how targets are gathered across workers is the caller's business (passed in 
 
 from __future__ import annotations
 
+import hashlib
 import math
+import warnings
 from typing import Callable
 
 import numpy as np
 import torch
 
 from karma.config import LossConfig
-from karma.losses import action_loss, popularity_log_prob, token_ce, total_loss
+from karma.losses import action_loss, inverse_cdf_sample, popularity_log_prob, token_ce, total_loss
 from karma.model import KarmaModel
 from karma.text import Tokenizer
 
@@ -44,59 +46,81 @@ def prepare_batch(batch: dict, model: KarmaModel, tok: Tokenizer, device: torch.
 
 
 class NegativeSampler:
-    """Popularity-sampled negatives (counts ** 0.75) and the log-probabilities for logQ."""
+    """Popularity-sampled negatives (counts ** 0.75) and the log-probabilities for logQ.
 
-    def __init__(self, counts: np.ndarray, n: int, seed: int = 0):
+    Lives on `device`: the ids and `log_p` are made where the loss needs them, so a step copies
+    nothing from the host and never waits for it. On CPU it draws with torch.multinomial (the
+    stream earlier checkpoints and runs were made with, replayed bit for bit); elsewhere by
+    inverse CDF with a generator on that device (rand + searchsorted, no category limit).
+    """
+
+    def __init__(self, counts: np.ndarray, n: int, seed: int = 0, device: torch.device | str = "cpu"):
         self.n = n
-        self.log_p = popularity_log_prob(torch.as_tensor(counts, dtype=torch.float64)).float()
-        self.gen = torch.Generator().manual_seed(seed)
+        self.device = torch.device(device)
+        log_p = popularity_log_prob(torch.as_tensor(counts, dtype=torch.float64)).float()
+        self.log_p = log_p.to(self.device)
+        if self.device.type == "cpu":
+            self._weights = log_p.exp()  # multinomial's input, computed once instead of every step
+        else:
+            self._cdf = torch.cumsum(log_p.double().exp(), dim=0).to(self.device)
+        self.gen = torch.Generator(self.device).manual_seed(seed)
 
     def state_dict(self) -> dict:
-        return {"gen": self.gen.get_state()}
+        return {"gen": self.gen.get_state(), "device": self.device.type}
 
     def load_state_dict(self, state: dict) -> None:
-        self.gen.set_state(state["gen"])
+        saved = state.get("device", "cpu")  # states from before the device field were CPU ones
+        if saved == self.device.type:
+            self.gen.set_state(state["gen"])
+            return
+        # A generator state does not carry across device kinds (a CPU Mersenne Twister vs a GPU
+        # Philox counter): continue with a seed derived from it, so a resume stays deterministic.
+        digest = hashlib.sha256(state["gen"].cpu().numpy().tobytes()).digest()
+        self.gen.manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+        warnings.warn(f"NegativeSampler: a {saved} generator state loaded on {self.device.type}; "
+                      "negatives continue from a seed derived from it, not the identical stream")
 
     def sample(self) -> torch.Tensor:
         if self.n == 0:
-            return torch.empty(0, dtype=torch.long)
-        return torch.multinomial(self.log_p.exp(), self.n, replacement=True, generator=self.gen)
+            return torch.empty(0, dtype=torch.long, device=self.device)
+        if self.device.type == "cpu":
+            return torch.multinomial(self._weights, self.n, replacement=True, generator=self.gen)
+        return inverse_cdf_sample(self._cdf, self.n, self.gen)
 
 
 def karma_losses(model: KarmaModel, batch: dict, loss: LossConfig, sampler: NegativeSampler | None,
                  gather: Gather = local_gather) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Total loss and its detached parts (tensors: reading them syncs a GPU, so callers
-    convert only when they log). A zero weight skips that branch's compute entirely."""
+    convert only when they log). A zero weight skips that branch's compute entirely.
+
+    Nothing here waits for the device: shapes depend only on the batch's shapes and the
+    config (the decoding rows are a prefix, sliced by a Python int), negatives are drawn on the
+    sampler's device, and the vocabulary cross-entropy has a fixed shape."""
     target = batch["target"]
     b = target.shape[0]
-    # The decoding branches run on the first n_dec rows: a prefix, so slicing needs no host sync.
     n_dec = max(1, math.ceil(loss.decode_fraction * b))
-    decode = torch.arange(b, device=target.device) < n_dec
-
-    out = model(batch, gen_rows=decode if loss.w_gen > 0 else None)
-    z = out["z"]
-
     # Candidates: every worker's targets (in-batch negatives), then popularity samples.
     all_targets, offset = gather(target)
     negs = sampler.sample().to(target.device) if sampler is not None else target.new_empty(0)
     cand_ids = torch.cat([all_targets, negs])
-    cand = model.item_embeddings(cand_ids)
+    # One forward call for every branch and the item tower: what compiling the model covers.
+    out = model(batch, gen_rows=n_dec if loss.w_gen > 0 else None, rec_rows=n_dec if loss.w_rec > 0 else 0,
+                cand_ids=cand_ids)
+    z = out["z"]
     log_q = sampler.log_p.to(target.device)[cand_ids] if (sampler is not None and loss.logq_correction) else None
     pos = torch.arange(b, device=target.device) + offset
-    l_act = action_loss(z, cand, pos, model.tau, cand_ids=cand_ids, target_ids=target, log_q=log_q,
+    l_act = action_loss(z, out["cand"], pos, out["tau"], cand_ids=cand_ids, target_ids=target, log_q=log_q,
                         reduce=model.cfg.head_reduce, mix_logits=out["mix_logits"])
 
-    n_tokens = out["n_tokens"]
     l_gen = l_rec = None
     if loss.w_gen > 0:
-        l_gen = token_ce(out["gen_logits"].unsqueeze(0), out["gen_labels"].unsqueeze(0))
+        l_gen = token_ce(out["gen_logits"].unsqueeze(0), out["gen_labels"].unsqueeze(0), chunk=loss.lm_ce_chunk)
     if loss.w_rec > 0:
-        rec = model.reconstruct(z[:n_dec], target[:n_dec])
-        l_rec = token_ce(rec["rec_logits"].unsqueeze(0), rec["rec_labels"].unsqueeze(0))
-        n_tokens = n_tokens + rec["n_tokens"]
+        l_rec = token_ce(out["rec_logits"].unsqueeze(0), out["rec_labels"].unsqueeze(0), chunk=loss.lm_ce_chunk)
     total = total_loss(l_act, l_gen, l_rec, w_gen=loss.w_gen, w_rec=loss.w_rec)
     # n_tokens: real (unpadded) positions through the backbone, for tokens/s
-    parts = {"loss": total.detach(), "loss_action": l_act.detach(), "tau": model.tau.detach(), "n_tokens": n_tokens}
+    parts = {"loss": total.detach(), "loss_action": l_act.detach(), "tau": out["tau"].detach(),
+             "n_tokens": out["n_tokens"]}
     if l_gen is not None:
         parts["loss_gen"] = l_gen.detach()
     if l_rec is not None:

@@ -98,7 +98,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     model, tok = build_model(cfg, items, log=log)
     engine, _, _ = make_engine(model, cfg, world, total)
     device = engine.device
-    sampler = NegativeSampler(counts, cfg.loss.n_negatives, seed=cfg.train.seed * 1000 + rank)
+    sampler = NegativeSampler(counts, cfg.loss.n_negatives, seed=cfg.train.seed * 1000 + rank, device=device)
     state = _restore(engine, sampler, rank, log)
     tracker = _tracker(loop_config) if rank == 0 else None
     if tracker is not None and state["step"]:
