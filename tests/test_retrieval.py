@@ -169,3 +169,85 @@ def test_evaluate_retrieval_faiss_matches_exact(data):
     assert perfect == pytest.approx({"HR@1": 1.0, "NDCG@1": 1.0, "HR@10": 1.0, "NDCG@10": 1.0, "MRR": 1.0, "n_queries": 40})
     with pytest.raises(ValueError, match="targets"):
         evaluate_retrieval(qh, items, t[:5])
+
+
+# ---- the GPU-shaped exact path: native-dtype selection, two-stage top-k, sync-free exclusion ----
+
+def _reference_topk(queries, items, k, exclude=None, chunk_size=65536):
+    """exact_topk as it was before the fast path: fp32 upcast of every chunk's scores,
+    exclusions through nonzero(), one top-k per chunk merged into a running top-k."""
+    q = queries if queries.dim() == 3 else queries[:, None]
+    q = q.to(items.dtype)
+    B, N = q.shape[0], items.shape[0]
+    best_s = torch.full((B, k), float("-inf"))
+    best_i = torch.full((B, k), -1, dtype=torch.long)
+    for start in range(0, N, chunk_size):
+        end = min(start + chunk_size, N)
+        s = torch.einsum("bhd,nd->bhn", q, items[start:end]).amax(dim=1).float()
+        if exclude is not None:
+            hit = (exclude >= start) & (exclude < end)
+            rows, cols = hit.nonzero(as_tuple=True)
+            s[rows, exclude[rows, cols] - start] = float("-inf")
+        cs, ci = s.topk(min(k, end - start), dim=1)
+        best_s, pick = torch.cat([best_s, cs], 1).topk(k, dim=1)
+        best_i = torch.cat([best_i, ci + start], 1).gather(1, pick)
+    return best_s, best_i.masked_fill(best_s == float("-inf"), -1)
+
+
+@pytest.mark.parametrize("block", [0, 64, 100, 512])
+def test_fast_path_returns_the_reference_items(data, block):
+    """Same chunking, so the same matmul roundings: identical ids and scores, bit for bit."""
+    items, q1, qh, ex = data
+    for q in (q1, qh):
+        for e in (None, ex):
+            for k in (1, 37, 200):
+                ref_s, ref_i = _reference_topk(q, items, k, e, chunk_size=997)
+                s, i = exact_topk(q, items, k, exclude=e, chunk_size=997, block=block)
+                assert torch.equal(i, ref_i), (k, block)
+                assert torch.equal(s, ref_s), (k, block)
+
+
+def test_bigger_chunks_differ_only_in_rounding_ties(data):
+    """Another chunk width changes matmul blocking by an ulp; ids may swap only between
+    scores that close."""
+    items, q1, _, ex = data
+    ref_s, ref_i = _reference_topk(q1, items, 200, ex, chunk_size=997)
+    s, i = exact_topk(q1, items, 200, exclude=ex, chunk_size=3000, block=256)
+    torch.testing.assert_close(s, ref_s, rtol=0, atol=1e-6)
+    for row in range(i.shape[0]):
+        for col in (i[row] != ref_i[row]).nonzero().flatten().tolist():
+            near = (ref_s[row] - s[row, col]).abs() <= 1e-6
+            assert int(i[row, col]) in ref_i[row][near].tolist()
+
+
+def test_low_precision_scoring_selects_in_that_dtype(data):
+    items, q1, qh, ex = data
+    for dtype in (torch.bfloat16, torch.float16):
+        ref_s, ref_i = _reference_topk(qh.to(dtype), items.to(dtype), 50, ex)
+        s, i = exact_topk(qh, items, 50, exclude=ex, block=128, score_dtype=dtype)
+        assert s.dtype == torch.float32
+        # low precision makes exact ties: the scores agree, and ids only trade places within a tie
+        assert torch.equal(s, ref_s)
+        for row in range(i.shape[0]):
+            for col in (i[row] != ref_i[row]).nonzero().flatten().tolist():
+                assert s[row, col] in ref_s[row][ref_s[row] == s[row, col]]
+                assert int(i[row, col]) not in ref_i[row].tolist() or ref_s[row][ref_i[row] == i[row, col]] == s[row, col]
+
+
+def test_exclusion_scatter_handles_duplicates_padding_and_chunk_edges():
+    items = _unit(torch.randn(50, 8, generator=torch.Generator().manual_seed(3)))
+    q = items[:2] * 10  # each query's best item is itself
+    ex = torch.tensor([[0, 0, -1, 49, 20], [-1, -1, -1, -1, 1]])
+    for chunk in (7, 20, 49, 50):
+        _, ids = exact_topk(q, items, 50, exclude=ex, chunk_size=chunk, block=4)
+        assert not ({0, 49, 20} & set(ids[0].tolist())) and 1 not in ids[1].tolist()
+        assert (ids[0] == -1).sum() == 3 and (ids[1] == -1).sum() == 1
+
+
+def test_fast_path_arguments():
+    items = torch.zeros(5, 4)
+    with pytest.raises(ValueError, match="block"):
+        exact_topk(torch.zeros(1, 4), items, 1, block=-1)
+    from karma.retrieval import _defaults
+
+    assert _defaults(torch.device("cuda")) == (262_144, 4096) and _defaults(torch.device("cpu")) == (65_536, 0)
