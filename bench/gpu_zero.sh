@@ -1,12 +1,25 @@
 #!/usr/bin/env bash
-# ZeRO-stage comparison on one GPU (same shape as bench/gpu.sh): ZeRO-3 and ZeRO-0, compiled.
+# Second call, after bench/gpu.sh: which DeepSpeed and compile switches move ZeRO-2 and ZeRO-3
+# on one GPU (same shape as gpu.sh; one process, one JSON under $OUT, default bench/results).
+# Rows in order of interest; a row that fails (DeepCompile builds a native op) is recorded with
+# its error and the rest still run. About 8 minutes; the JSON is rewritten after every row.
+#   bash bench/gpu_zero.sh
 set -uo pipefail
 out=${OUT:-bench/results}
 mkdir -p "$out"
 bash .gpu/bin/install.sh .gpu > "$out/gpu_install.log" 2>&1 || { tail -20 "$out/gpu_install.log"; exit 1; }
 export PYTHONPATH=/tmp/site:$PWD/platform TORCH_CUDA_ARCH_LIST=9.0 RAY_AUTH_MODE=disabled
 shape=(--backbone-shape qwen0.5b --batch 128 --history 50 --text-tokens 32 --steps 10 --warmup 3)
-run() { local name=$1; shift; echo "== $name"; timeout 150 python bench/train_throughput.py "${shape[@]}" "$@" \
-        --out "$out/train_throughput_cuda_$name.json" > "$out/$name.log" 2>&1; echo "exit $?"; tail -6 "$out/$name.log"; }
-run zero3 --modes deepspeed --zero 3 --compile
-run zero0_compiled --modes deepspeed --zero 0 --compile
+echo "== ZeRO and compile switches"
+timeout 540 python bench/train_throughput.py "${shape[@]}" --modes deepspeed --zero 2 \
+    --variant z3_deepcompile deepspeed dist.zero_stage=3 dist.deepcompile=true \
+    --variant z3_layers deepspeed dist.zero_stage=3 dist.compile=layers \
+    --variant z3_plain_linear deepspeed dist.zero_stage=3 dist.stage3_memory_efficient_linear=false \
+    --variant z3_persist_all deepspeed dist.zero_stage=3 dist.stage3_param_persistence_threshold=200000000 \
+    --variant z2_model deepspeed dist.compile=model \
+    --variant z2_layers deepspeed dist.compile=layers \
+    --variant z2_no_overlap deepspeed dist.overlap_comm=false \
+    --variant z2_deepcompile deepspeed dist.deepcompile=true \
+    --variant z2_ce_unchunked deepspeed loss.lm_ce_chunk=0 \
+    --out "$out/train_throughput_cuda_zero_sweep.json" > "$out/zero_sweep.log" 2>&1
+echo "exit $?"; tail -16 "$out/zero_sweep.log"

@@ -3,6 +3,12 @@ CUDA, fp32 on CPU) and ItemIndex(kind="flat") (faiss, GPU when available).
 
     python bench/retrieval_eval.py                      # N=200k on CPU, 1M on CUDA
     python bench/retrieval_eval.py --n-items 100000 --n-queries 256
+    python bench/retrieval_eval.py --no-faiss --variant b4096 batch=4096 \
+        --variant one_stage batch=4096 block=0 chunk=65536 --variant bf16 batch=4096 dtype=bf16
+
+Each --variant NAME [batch=N] [chunk=N] [block=N] [dtype=fp16|bf16|fp32] is one more exact_topk
+row (unset keys: the project defaults for the device, karma.retrieval._defaults); every row is
+checked against the first on the first query batch (`same_ids_as_first`, < 1 only from ties).
 
 Writes bench/results/retrieval_<device>.json (device = cpu | cuda).
 """
@@ -22,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "platform"))
 
-from karma.retrieval import ItemIndex, exact_topk  # noqa: E402
+from karma.retrieval import ItemIndex, _defaults, exact_topk  # noqa: E402
 
 
 def _sync(device: str) -> None:
@@ -40,6 +46,17 @@ def _time_batches(fn, queries, batch: int, device: str) -> float:
     return time.perf_counter() - t0
 
 
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def parse_variant(v: list[str]) -> dict:
+    opts = dict(kv.split("=", 1) for kv in v[1:] if "=" in kv)
+    bad = sorted(set(opts) - {"batch", "chunk", "block", "dtype"}) + [kv for kv in v[1:] if "=" not in kv]
+    if bad or opts.get("dtype", "fp16") not in DTYPES:
+        raise SystemExit(f"--variant {' '.join(v)}: use NAME [batch=N] [chunk=N] [block=N] [dtype=fp16|bf16|fp32]")
+    return opts
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n-items", type=int, default=None, help="default 200000 on CPU, 1000000 on CUDA")
@@ -48,7 +65,10 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=1, help="interest heads per query (max over heads)")
     ap.add_argument("--n-queries", type=int, default=None, help="default 512 on CPU, 8192 on CUDA")
     ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--chunk-size", type=int, default=65536)
+    ap.add_argument("--chunk-size", type=int, default=None, help="default: the project's per-device default")
+    ap.add_argument("--block", type=int, default=None, help="two-stage top-k block (0 = one stage); default per device")
+    ap.add_argument("--variant", action="append", nargs="+", metavar="NAME [KEY=VALUE ...]",
+                    help="one more exact_topk row: batch=, chunk=, block=, dtype= (repeatable)")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     ap.add_argument("--no-faiss", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
@@ -80,13 +100,34 @@ def main() -> None:
         "results": {},
     }
 
-    items_d, queries_d = items.to(device, dtype), queries.to(device, dtype)
-    secs = _time_batches(
-        lambda q: exact_topk(q, items_d, args.k, chunk_size=args.chunk_size), queries_d, args.batch, device
-    )
-    res["results"]["exact_topk"] = {"dtype": str(dtype).removeprefix("torch."), "seconds": secs, "qps": n_queries / secs}
-    _, exact_ids = exact_topk(queries_d[: args.batch], items_d, args.k, chunk_size=args.chunk_size)
-    del items_d, queries_d
+    variants = [("exact_topk", {})] + [(v[0], parse_variant(v)) for v in args.variant or []]
+    items_d = items.to(device, dtype)
+    first_ids = None
+    for name, opts in variants:
+        vdtype = DTYPES[opts["dtype"]] if "dtype" in opts else dtype
+        batch = int(opts.get("batch", args.batch))
+        default_chunk, default_block = _defaults(torch.device(device))
+        chunk = int(opts.get("chunk", args.chunk_size or default_chunk))
+        block = int(opts.get("block", default_block if args.block is None else args.block))
+        items_v = items_d.to(vdtype)  # scoring dtype set on the corpus once, as a server would
+        queries_v = queries.to(device, vdtype)
+
+        def run(q):
+            return exact_topk(q, items_v, args.k, chunk_size=chunk, block=block)
+
+        secs = _time_batches(run, queries_v, batch, device)
+        _, ids = run(queries_v[:256])
+        ids = ids.cpu()
+        first_ids = ids if first_ids is None else first_ids
+        res["results"][name] = {
+            "dtype": str(vdtype).removeprefix("torch."), "batch": batch, "chunk_size": chunk, "block": block,
+            "seconds": secs, "qps": n_queries / secs,
+            "same_ids_as_first": float((ids == first_ids).float().mean()),
+        }
+        print(f"{name}: {n_queries / secs:,.0f} queries/s", flush=True)
+        del items_v, queries_v
+    exact_ids = first_ids
+    del items_d
 
     try:
         import faiss
@@ -100,8 +141,8 @@ def main() -> None:
         build = time.perf_counter() - t0
         q_np = queries.numpy()
         secs = _time_batches(lambda q: index.search(q, args.k), q_np, args.batch, "cpu")
-        _, ids = index.search(q_np[: args.batch], args.k)
-        overlap = np.mean([len(set(a) & set(b)) / args.k for a, b in zip(ids.tolist(), exact_ids.cpu().tolist())])
+        _, ids = index.search(q_np[:256], args.k)
+        overlap = np.mean([len(set(a) & set(b)) / args.k for a, b in zip(ids.tolist(), exact_ids.tolist())])
         res["results"]["faiss_flat"] = {
             "index_device": index.device,
             "build_seconds": build,

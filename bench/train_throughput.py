@@ -9,6 +9,12 @@ backward, optimizer) in one run, on the same model, batches and tokens, three wa
     python bench/train_throughput.py --backbone-shape tiny --steps 20            # CPU, about a minute
     python bench/train_throughput.py --backbone-shape qwen0.5b --batch 8 --history 50 --text-tokens 32
     python bench/train_throughput.py --backbone-shape smollm2-135m --compile --modes plain,deepspeed
+    python bench/train_throughput.py --backbone-shape qwen0.5b --modes plain,deepspeed \
+        --variant zero3 deepspeed dist.zero_stage=3 --set loss.lm_ce_chunk=0     # extra rows, overrides
+
+Every row runs the project's training path as configured: `karma.config` switches (compile,
+ZeRO knobs, the cross-entropy chunk) come from the project defaults for the device, `--set` and
+`--variant`; nothing is tuned here that the training job would not do.
 
 Writes bench/results/train_throughput_<device>.json (device = cpu | cuda); see bench/NOTES.md
 for the method, the FLOP count behind MFU and what each row means.
@@ -23,7 +29,6 @@ import json
 import math
 import os
 import platform
-import socket
 import statistics
 import sys
 import tempfile
@@ -85,17 +90,21 @@ def make_spec(args: argparse.Namespace, device: str) -> dict:
         "precision": precision,
         "zero": args.zero,
         "compile": args.compile,
+        "sampler_device": args.sampler_device,
+        "overrides": list(args.set or []),
         "attn": args.attn,
         "steps": args.steps,
         "warmup": args.warmup,
         "seed": args.seed,
         "lr": 1e-4,
         "threads": torch.get_num_threads(),
+        "profile_steps": args.profile_steps,
     }
 
 
 def karma_config(spec: dict):
-    """The project Config this benchmark's model and engine are built from."""
+    """The project Config this benchmark's model and engine are built from (`spec["overrides"]`:
+    `section.key=value` strings applied last, as on the training job's command line)."""
     from karma.config import from_dict
 
     s = spec["shape"]
@@ -110,8 +119,9 @@ def karma_config(spec: dict):
         "train": {"batch_size": spec["batch"], "lr": spec["lr"], "warmup_steps": 10, "grad_clip": 1.0,
                   "seed": spec["seed"]},
         "dist": {"num_workers": 1, "use_gpu": spec["device"] == "cuda", "zero_stage": spec["zero"],
-                 "precision": spec["precision"], "omp_threads": spec["threads"]},
-    })
+                 "precision": spec["precision"], "omp_threads": spec["threads"], "compile": spec["compile"],
+                 "compile_dynamic": False},  # fixed shapes here: one static graph per sequence length
+    }, spec.get("overrides", []))
 
 
 def build_model(spec: dict, cfg):
@@ -144,9 +154,7 @@ def build_model(spec: dict, cfg):
                            pad_id=PAD_ID, prompts=Prompts(QUERY_PROMPT_IDS, GEN_PROMPT_IDS, REC_PROMPT_IDS),
                            text_emb=text_emb, tau_init=cfg.loss.tau_init, learn_tau=cfg.loss.learn_tau)
     model.to(device)
-    if spec["compile"]:
-        model.backbone.get_decoder().compile(dynamic=False)  # the backbone, in place (two shapes per step)
-    return model
+    return model  # compiled by the mode: karma.train.engine.compile_model / make_engine
 
 
 def make_batches(spec: dict) -> list[dict]:
@@ -168,6 +176,30 @@ def item_counts(spec: dict) -> np.ndarray:
     """A Zipf-like popularity for the negative sampler (and its logQ correction)."""
     rng = np.random.default_rng(spec["seed"])
     return rng.permutation(np.floor(1000.0 / np.arange(1, spec["n_items"] + 1) ** 0.8).astype(np.int64))
+
+
+def make_sampler(spec: dict, cfg, device):
+    """The popularity sampler on the model's device (as the training worker builds it), or on the
+    host with `--sampler-device cpu` (the earlier path: a copy of the negatives and of log_p per step)."""
+    from karma.step import NegativeSampler
+
+    where = "cpu" if spec.get("sampler_device") == "cpu" else device
+    return NegativeSampler(item_counts(spec), cfg.loss.n_negatives, seed=spec["seed"], device=where)
+
+
+def config_record(cfg, compiled: str, sampler) -> dict:
+    """The switches a row ran with, per-device defaults resolved (goes into the JSON)."""
+    import dataclasses
+
+    from karma.train.engine import resolve_dist
+
+    d = dataclasses.asdict(resolve_dist(cfg.dist))
+    keep = ("zero_stage", "precision", "compile", "compile_dynamic", "overlap_comm", "contiguous_gradients",
+            "reduce_bucket_size", "allgather_bucket_size", "stage3_param_persistence_threshold",
+            "stage3_prefetch_bucket_size", "stage3_max_live_parameters", "stage3_memory_efficient_linear",
+            "deepcompile")
+    return {**{k: d[k] for k in keep}, "compiled": compiled, "lm_ce_chunk": cfg.loss.lm_ce_chunk,
+            "sampler_device": str(sampler.device)}
 
 
 def seq_lengths(spec: dict) -> tuple[int, int]:
@@ -222,6 +254,7 @@ def _rss() -> int:
 
 
 def _cleanup(device: str) -> None:
+    torch._dynamo.reset()  # each row compiles its own model (the on-disk inductor cache stays warm)
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -253,7 +286,9 @@ def time_steps(step, batches: list[dict], spec: dict, device) -> dict:
     med = statistics.median(times)
     tok = statistics.fmean(ntok)
     peak = torch.cuda.max_memory_allocated() if dev == "cuda" else rss
-    return {
+    diagnostics = {"host_syncs": sync_census(step, batches[-1], dev),
+                   "profile": profile_steps(step, batches[-1], dev, spec.get("profile_steps", 0))}
+    return {**diagnostics,
         "step_s_median": med,
         "step_s_mean": statistics.fmean(times),
         "step_s_min": min(times),
@@ -271,9 +306,60 @@ def time_steps(step, batches: list[dict], spec: dict, device) -> dict:
     }
 
 
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+
+
+def sync_census(step, batch: dict, dev: str) -> dict | None:
+    """CUDA: one more step under torch.cuda.set_sync_debug_mode("warn"); every operation that
+    made the host wait for the GPU warns from its Python line. Returns the count and the
+    distinct lines (whoever's code: the step's, DeepSpeed's, the backbone's). None on CPU."""
+    if dev != "cuda":
+        return None
+    import warnings
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step(batch)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    hits = [w for w in caught if "synchroniz" in str(w.message)]
+    where = sorted({f"{Path(w.filename).name}:{w.lineno}" for w in hits})
+    return {"count": len(hits), "where": where[:40]}
+
+
+def profile_steps(step, batch: dict, dev: str, n: int) -> dict | None:
+    """n more steps under torch.profiler: the 15 ops with the most self time on the device
+    (CPU on a CPU run) and the count of runtime calls that block the host, per step."""
+    if n <= 0:
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
+    _sync(dev)
+    with profile(activities=acts) as prof:
+        for _ in range(n):
+            step(batch)
+        _sync(dev)
+    events = prof.key_averages()
+
+    def device_us(e) -> float:
+        return float(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) or 0)
+
+    key = device_us if dev == "cuda" else (lambda e: float(e.self_cpu_time_total))
+    top = sorted(events, key=key, reverse=True)[:15]
+    syncs = {e.key: e.count / n for e in events if e.key in SYNC_CALLS}
+    return {"steps": n, "time_kind": "self device us per step" if dev == "cuda" else "self CPU us per step",
+            "top": [{"op": e.key, "us": key(e) / n, "calls": e.count / n} for e in top],
+            "blocking_runtime_calls_per_step": syncs}
+
+
 def run_plain(spec: dict) -> dict:
     from karma.optim import make_scheduler, param_groups
-    from karma.step import NegativeSampler, karma_losses
+    from karma.step import karma_losses
+    from karma.train.engine import compile_model
 
     cfg = karma_config(spec)
     dev = spec["device"]
@@ -282,7 +368,8 @@ def run_plain(spec: dict) -> dict:
     cuda = dev == "cuda"
     opt = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr, fused=cuda or None)
     sched = make_scheduler(opt, cfg.train.warmup_steps, spec["warmup"] + spec["steps"])
-    sampler = NegativeSampler(item_counts(spec), cfg.loss.n_negatives, seed=spec["seed"])
+    compiled = compile_model(model, cfg.dist)
+    sampler = make_sampler(spec, cfg, dev)
     params = [p for p in model.parameters() if p.requires_grad]
     bf16 = spec["precision"] == "bf16"
 
@@ -298,55 +385,21 @@ def run_plain(spec: dict) -> dict:
 
     out = time_steps(step, make_batches(spec), spec, torch.device(dev))
     out["flops"] = flop_count(spec, model)
+    out["config"] = config_record(cfg, compiled, sampler)
     return out
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-_DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
-
-
-def init_single_process_group(device: str) -> dict | None:
-    """A world of one for DeepSpeed outside any launcher. Returns the environment it replaced
-    (for `close_process_group`), or None when a group already existed."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return None
-    saved = {k: os.environ.get(k) for k in _DIST_ENV}
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
-                      LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
-    dist.init_process_group(backend="nccl" if device == "cuda" else "gloo", rank=0, world_size=1)
-    return saved
-
-
-def close_process_group(saved: dict) -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def run_deepspeed(spec: dict) -> dict:
     """The DeepSpeed step exactly as karma.train.worker runs it, timed. Needs a process group."""
-    from karma.step import NegativeSampler, karma_losses
-    from karma.train.engine import gather_targets, make_engine
+    from karma.step import karma_losses
+    from karma.train.engine import gather_targets, make_engine, resolve_dist
 
     cfg = karma_config(spec)
     model = build_model(spec, cfg)
     flops = flop_count(spec, model)
     engine, _, _ = make_engine(model, cfg, 1, spec["warmup"] + spec["steps"])
     engine.train()
-    sampler = NegativeSampler(item_counts(spec), cfg.loss.n_negatives, seed=spec["seed"])
+    sampler = make_sampler(spec, cfg, engine.device)
 
     def step(batch: dict) -> dict:
         loss, parts = karma_losses(engine.module, batch, cfg.loss, sampler, gather=gather_targets)
@@ -356,6 +409,8 @@ def run_deepspeed(spec: dict) -> dict:
 
     out = time_steps(step, make_batches(spec), spec, engine.device)
     out["flops"] = flops
+    out["config"] = config_record(cfg, resolve_dist(cfg.dist).compile, sampler)
+    out["deepspeed_config"] = engine.config if isinstance(getattr(engine, "config", None), dict) else None
     if hasattr(engine, "destroy"):
         engine.destroy()
     return out
@@ -468,21 +523,28 @@ def _fmt(x, spec=".3g"):
 
 
 def print_table(res: dict) -> None:
-    rows = [("mode", "step ms", "tokens/s", "examples/s", "MFU", "peak GiB", "loss first->last")]
+    rows = [("row", "zero", "compile", "step ms", "tokens/s", "examples/s", "MFU", "peak GiB", "syncs",
+             "loss first->last")]
     errors = []
     for mode, m in res["modes"].items():
         if "error" in m:
-            rows.append((mode, "error", "", "", "", "", ""))
+            rows.append((mode, "", "", "error", "", "", "", "", "", ""))
             errors.append(f"{mode}: {m['error'].splitlines()[0][:200]}")
             continue
+        c = m["config"]
         mfu = "-" if m["mfu"] is None else f"{m['mfu'] * 100:.1f}%"
-        rows.append((mode, f"{m['step_s_median'] * 1e3:.1f}", f"{m['tokens_per_s']:,.0f}",
-                     f"{m['examples_per_s']:,.1f}", mfu, f"{m['peak_memory_gib']:.2f}",
-                     f"{m['loss_first']:.3f}->{m['loss_last']:.3f}"))
+        syncs = "-" if m.get("host_syncs") is None else str(m["host_syncs"]["count"])
+        rows.append((mode, str(c["zero_stage"]) if m["kind"] != "plain" else "-", c["compiled"],
+                     f"{m['step_s_median'] * 1e3:.1f}", f"{m['tokens_per_s']:,.0f}", f"{m['examples_per_s']:,.1f}",
+                     mfu, f"{m['peak_memory_gib']:.2f}", syncs, f"{m['loss_first']:.3f}->{m['loss_last']:.3f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
     print("ratios (tokens/s): " + ", ".join(f"{k}={_fmt(v)}" for k, v in res["ratios"].items()))
+    goals = {k: g for k, g in res.get("goals", {}).items() if g["value"] is not None}
+    if goals:
+        print("goals: " + ", ".join(f"{k}={g['value']:.3g} (>= {g['target']}: {'met' if g['met'] else 'not met'})"
+                                    for k, g in goals.items()))
     for e in errors:
         print(f"error {e}")
 
@@ -511,7 +573,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=2, help="DeepSpeed ZeRO stage")
     ap.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                     help="auto: bf16 on CUDA, fp32 on CPU")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the backbone in every mode")
+    ap.add_argument("--compile", nargs="?", const="decoder", default="auto",
+                    choices=("auto", "none", "decoder", "layers", "model"),
+                    help="dist.compile in every mode: auto (the project's per-device default: the decoder on "
+                         "CUDA, layers under ZeRO-3, none on CPU); --compile alone = decoder")
+    ap.add_argument("--sampler-device", choices=("model", "cpu"), default="model",
+                    help="where negatives are drawn: the model's device (the training path) or the host")
+    ap.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                    help="a project config override for every mode, e.g. dist.overlap_comm=false (repeatable)")
+    ap.add_argument("--variant", action="append", nargs="+", metavar="NAME KIND [SECTION.KEY=VALUE ...]",
+                    help="one more row NAME of KIND (plain, deepspeed, ray) with its own overrides, e.g. "
+                         "--variant zero3 deepspeed dist.zero_stage=3 (repeatable)")
+    ap.add_argument("--profile-steps", type=int, default=0,
+                    help="after timing, profile this many more steps per row (top device ops, blocking calls)")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU: torch threads in every mode (default: torch's, one per core); 1 keeps a shared "
@@ -527,29 +601,71 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def measure(mode: str, spec: dict, args: argparse.Namespace) -> dict:
-    if mode == "plain":
+KINDS = ("plain", "deepspeed", "ray")
+
+
+def measure(kind: str, spec: dict, args: argparse.Namespace, group: dict) -> dict:
+    """One row. In-process DeepSpeed rows share one process group, opened by the first
+    (DeepSpeed caches its groups; a second group in the same process would not match them)."""
+    if kind == "plain":
         return run_plain(spec)
-    if mode == "deepspeed":
-        group_env = init_single_process_group(spec["device"])
-        try:
-            return run_deepspeed(spec)
-        finally:
-            if group_env is not None:
-                close_process_group(group_env)
+    if kind == "deepspeed":
+        if "ctx" not in group:
+            from karma.train.engine import single_process_group
+
+            group["ctx"] = single_process_group(spec["device"])
+            group["ctx"].__enter__()
+        return run_deepspeed(spec)
     return run_ray(spec, args.ray_cpus or os.cpu_count() or 1, args.ray_worker_niceness)
 
 
-def summarise(res: dict) -> None:
-    """Ratios of tokens/s between the modes measured so far (None where one is missing)."""
-    tps = {k: v["tokens_per_s"] for k, v in res["modes"].items() if "tokens_per_s" in v}
+def plan_rows(args: argparse.Namespace) -> list[tuple[str, str, list[str]]]:
+    """(row name, kind, extra overrides): --modes rows first, then each --variant."""
+    rows = [(m, m, []) for m in (x.strip() for x in args.modes.split(",")) if m]
+    for v in args.variant or []:
+        if len(v) < 2:
+            raise SystemExit(f"--variant {' '.join(v)}: give NAME KIND [SECTION.KEY=VALUE ...]")
+        rows.append((v[0], v[1], v[2:]))
+    bad = sorted({k for _, k, _ in rows} - set(KINDS))
+    if bad:
+        raise SystemExit(f"unknown row kind(s) {bad}; choose from {', '.join(KINDS)}")
+    names = [n for n, _, _ in rows]
+    if len(set(names)) != len(names):
+        raise SystemExit(f"row names must be unique, got {names}")
+    return rows
 
-    def ratio(a: str, b: str):
+
+def _goal(value, target: float) -> dict:
+    return {"value": value, "target": target, "met": None if value is None else value >= target}
+
+
+def summarise(res: dict) -> None:
+    """Ratios of tokens/s between the rows measured so far (None where one is missing), and
+    the throughput goals where their rows exist."""
+    modes = res["modes"]
+    tps = {k: v["tokens_per_s"] for k, v in modes.items() if "tokens_per_s" in v}
+
+    def ratio(a: str | None, b: str | None):
         return tps[a] / tps[b] if a in tps and b in tps else None
+
+    def first(kind: str, stage: int | None = None) -> str | None:
+        return next((k for k, v in modes.items() if v.get("kind") == kind and "tokens_per_s" in v
+                     and (stage is None or v["config"]["zero_stage"] == stage)), None)
 
     res["ratios"] = {"deepspeed_over_plain": ratio("deepspeed", "plain"),
                      "ray_over_deepspeed": ratio("ray", "deepspeed")}
-    ntok = {v["tokens_per_step"] for v in res["modes"].values() if "tokens_per_step" in v}
+    for name, v in modes.items():
+        if name not in ("plain", "deepspeed", "ray") and name in tps:
+            res["ratios"][f"{name}_over_plain"] = ratio(name, "plain")
+            res["ratios"][f"{name}_over_deepspeed"] = ratio(name, "deepspeed")
+    z2, z3 = first("deepspeed", 2), first("deepspeed", 3)
+    res["goals"] = {
+        "zero2_mfu": _goal(modes[z2]["mfu"] if z2 else None, 0.45),
+        "zero2_over_plain": _goal(ratio(z2, first("plain")), 1.0),
+        "zero3_over_zero2": _goal(ratio(z3, z2), 0.8),
+        "ray_over_in_process": _goal(ratio(first("ray"), z2 or first("deepspeed")), 0.97),
+    }
+    ntok = {v["tokens_per_step"] for v in modes.values() if "tokens_per_step" in v}
     res["same_tokens_every_mode"] = len(ntok) <= 1
     res["load_average_after"] = list(os.getloadavg())
 
@@ -558,10 +674,7 @@ def run(argv: list[str] | None = None) -> dict:
     """Parse, measure every requested mode, write the JSON; returns what was written."""
     args = parse_args(argv)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    unknown = set(modes) - {"plain", "deepspeed", "ray"}
-    if unknown:
-        raise SystemExit(f"--modes: unknown {sorted(unknown)}; choose from plain, deepspeed, ray")
+    rows = plan_rows(args)
     if device == "cuda":
         _cuda_matmul_settings()
     if args.threads:
@@ -584,12 +697,24 @@ def run(argv: list[str] | None = None) -> dict:
         "modes": {},
     }
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    for mode in modes:
+    group: dict = {}
+    try:
+        _measure_rows(rows, spec, args, group, res, out_path, device, peak)
+    finally:
+        if "ctx" in group:
+            group["ctx"].__exit__(None, None, None)
+    print_table(res)
+    print(f"[bench] wrote {out_path}")
+    return res
+
+
+def _measure_rows(rows, spec, args, group, res, out_path, device, peak) -> None:
+    for mode, kind, overrides in rows:
         _cleanup(device)
-        print(f"[bench] {mode} ...", flush=True)
+        print(f"[bench] {mode} ({kind}{' ' + ' '.join(overrides) if overrides else ''}) ...", flush=True)
         t0 = time.perf_counter()
         try:
-            m = measure(mode, spec, args)
+            m = measure(kind, {**spec, "overrides": spec["overrides"] + overrides}, args, group)
         except Exception as err:  # one failing mode (e.g. out of memory) keeps the others' numbers
             if args.strict:
                 raise
@@ -597,7 +722,7 @@ def run(argv: list[str] | None = None) -> dict:
 
             traceback.print_exc()
             m = {"error": f"{type(err).__name__}: {err}"[:2000]}
-        m["mode_wall_s"] = time.perf_counter() - t0
+        m.update(kind=kind, overrides=overrides, mode_wall_s=time.perf_counter() - t0)
         if "error" not in m:
             m["achieved_tflops"] = m["flops"]["flops_per_step"] / m["step_s_median"] / 1e12
             m["mfu"] = m["flops"]["flops_per_step"] / m["step_s_median"] / peak if peak else None
@@ -605,9 +730,6 @@ def run(argv: list[str] | None = None) -> dict:
         res["modes"][mode] = m
         summarise(res)
         out_path.write_text(json.dumps(res, indent=2) + "\n")  # after every mode: partial runs keep numbers
-    print_table(res)
-    print(f"[bench] wrote {out_path}")
-    return res
 
 
 if __name__ == "__main__":

@@ -69,3 +69,44 @@ def test_flop_count_formula(bench):
     assert f["params_blocks"] == blocks
     attention = 12 * 1 * 16 * (4 * main**2 + 4 * rec**2)
     assert f["flops_per_step"] == 6 * blocks * tokens + 6 * 64 * 16 * labelled + attention
+
+
+def test_variants_overrides_goals_and_profile(bench, tmp_path):
+    """Extra rows with their own project overrides, in one process and one process group;
+    the resolved switches, the goals and a profile summary land in the JSON."""
+    pytest.importorskip("deepspeed")
+    res = bench.run([*MICRO, "--modes", "plain,deepspeed", "--set", "loss.lm_ce_chunk=3", "--profile-steps", "1",
+                     "--variant", "zero3", "deepspeed", "dist.zero_stage=3", "dist.stage3_param_persistence_threshold=0",
+                     "--variant", "plain_again", "plain", "--out", str(tmp_path / "v.json")])
+    modes = res["modes"]
+    assert list(modes) == ["plain", "deepspeed", "zero3", "plain_again"]
+    for name, m in modes.items():
+        assert "error" not in m, (name, m.get("error"))
+        assert m["config"]["lm_ce_chunk"] == 3 and m["config"]["compiled"] == "none"
+        assert m["host_syncs"] is None  # a CUDA-only census
+        assert m["profile"]["steps"] == 1 and m["profile"]["top"]
+    assert modes["zero3"]["kind"] == "deepspeed" and modes["zero3"]["config"]["zero_stage"] == 3
+    assert modes["zero3"]["config"]["stage3_param_persistence_threshold"] == 0
+    assert modes["zero3"]["loss_first"] == pytest.approx(modes["plain"]["loss_first"], rel=1e-4)
+    assert res["ratios"]["zero3_over_deepspeed"] > 0
+    goals = res["goals"]
+    assert goals["zero3_over_zero2"]["value"] == pytest.approx(res["ratios"]["zero3_over_deepspeed"])
+    assert goals["zero2_mfu"]["value"] is None  # no CPU peak
+    with pytest.raises(SystemExit, match="unknown row kind"):
+        bench.run([*MICRO, "--modes", "plain", "--variant", "x", "fsdp"])
+
+
+def test_retrieval_bench_variants(tmp_path, monkeypatch):
+    import runpy
+
+    out = tmp_path / "r.json"
+    monkeypatch.setattr("sys.argv", ["retrieval_eval.py", "--n-items", "3000", "--n-queries", "64", "--k", "20",
+                                     "--batch", "32", "--device", "cpu", "--no-faiss", "--out", str(out),
+                                     "--variant", "two_stage", "block=256", "chunk=1000",
+                                     "--variant", "bf16", "dtype=bf16", "batch=64"])
+    runpy.run_path(str(BENCH.parent / "retrieval_eval.py"), run_name="__main__")
+    res = json.loads(out.read_text())["results"]
+    assert list(res) == ["exact_topk", "two_stage", "bf16"]
+    assert res["two_stage"]["same_ids_as_first"] == 1.0 and res["two_stage"]["block"] == 256
+    assert res["exact_topk"]["block"] == 0 and res["exact_topk"]["chunk_size"] == 65536  # CPU defaults
+    assert res["bf16"]["dtype"] == "bfloat16" and all(r["qps"] > 0 for r in res.values())
