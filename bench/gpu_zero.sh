@@ -15,7 +15,7 @@ timeout 540 python bench/train_throughput.py "${shape[@]}" --modes deepspeed --z
     --variant z3_deepcompile deepspeed dist.zero_stage=3 dist.deepcompile=true \
     --variant z3_layers deepspeed dist.zero_stage=3 dist.compile=layers \
     --variant z3_plain_linear deepspeed dist.zero_stage=3 dist.stage3_memory_efficient_linear=false \
-    --variant z3_persist_all deepspeed dist.zero_stage=3 dist.stage3_param_persistence_threshold=200000000 \
+    --variant z3_persist_1e5 deepspeed dist.zero_stage=3 dist.stage3_param_persistence_threshold=100000 \
     --variant z2_model deepspeed dist.compile=model \
     --variant z2_layers deepspeed dist.compile=layers \
     --variant z2_no_overlap deepspeed dist.overlap_comm=false \

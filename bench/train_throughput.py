@@ -187,7 +187,7 @@ def make_sampler(spec: dict, cfg, device):
     return NegativeSampler(item_counts(spec), cfg.loss.n_negatives, seed=spec["seed"], device=where)
 
 
-def config_record(cfg, compiled: str, sampler) -> dict:
+def config_record(cfg, compiled: str, sampler, device) -> dict:
     """The switches a row ran with, per-device defaults resolved (goes into the JSON)."""
     import dataclasses
 
@@ -198,7 +198,9 @@ def config_record(cfg, compiled: str, sampler) -> dict:
             "reduce_bucket_size", "allgather_bucket_size", "stage3_param_persistence_threshold",
             "stage3_prefetch_bucket_size", "stage3_max_live_parameters", "stage3_memory_efficient_linear",
             "deepcompile")
-    return {**{k: d[k] for k in keep}, "compiled": compiled, "lm_ce_chunk": cfg.loss.lm_ce_chunk,
+    from karma.step import ce_chunk
+
+    return {**{k: d[k] for k in keep}, "compiled": compiled, "lm_ce_chunk": ce_chunk(cfg.loss, device),
             "sampler_device": str(sampler.device)}
 
 
@@ -385,7 +387,7 @@ def run_plain(spec: dict) -> dict:
 
     out = time_steps(step, make_batches(spec), spec, torch.device(dev))
     out["flops"] = flop_count(spec, model)
-    out["config"] = config_record(cfg, compiled, sampler)
+    out["config"] = config_record(cfg, compiled, sampler, torch.device(dev))
     return out
 
 
@@ -409,7 +411,7 @@ def run_deepspeed(spec: dict) -> dict:
 
     out = time_steps(step, make_batches(spec), spec, engine.device)
     out["flops"] = flops
-    out["config"] = config_record(cfg, resolve_dist(cfg.dist).compile, sampler)
+    out["config"] = config_record(cfg, resolve_dist(cfg.dist).compile, sampler, engine.device)
     out["deepspeed_config"] = engine.config if isinstance(getattr(engine, "config", None), dict) else None
     if hasattr(engine, "destroy"):
         engine.destroy()

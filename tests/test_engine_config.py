@@ -18,7 +18,7 @@ def test_per_device_defaults():
     gpu2 = resolve_dist(load_config(None, ["dist.use_gpu=true"]).dist)
     assert (gpu2.compile, gpu2.overlap_comm) == ("decoder", True)
     gpu3 = resolve_dist(load_config(None, ["dist.use_gpu=true", "dist.zero_stage=3"]).dist)
-    assert (gpu3.compile, gpu3.stage3_param_persistence_threshold) == ("none", 1_000_000)
+    assert (gpu3.compile, gpu3.stage3_param_persistence_threshold) == ("none", 10_000_000)
     assert gpu3.stage3_prefetch_bucket_size == 50_000_000 and gpu3.stage3_max_live_parameters == 10**9
     dc = resolve_dist(load_config(None, ["dist.use_gpu=true", "dist.zero_stage=3", "dist.deepcompile=true"]).dist)
     assert dc.compile == "model"
@@ -113,3 +113,12 @@ def test_dist_defaults_unchanged_for_existing_configs():
     assert d.compile == "auto" and d.overlap_comm is None and d.stage3_param_persistence_threshold is None
     fields = {f.name for f in dataclasses.fields(d)}
     assert {"reduce_bucket_size", "allgather_bucket_size", "contiguous_gradients", "deepcompile"} <= fields
+
+
+def test_ce_chunk_default_per_device():
+    from karma.step import ce_chunk
+
+    loss = load_config(None).loss
+    assert loss.lm_ce_chunk is None
+    assert ce_chunk(loss, torch.device("cpu")) == 0 and ce_chunk(loss, torch.device("cuda")) == 1024
+    assert ce_chunk(load_config(None, ["loss.lm_ce_chunk=64"]).loss, torch.device("cpu")) == 64

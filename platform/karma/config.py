@@ -80,7 +80,8 @@ class LossConfig:
     decode_fraction: float = 1.0  # share of each batch that runs the decoding branches
     # Rows of vocabulary logits upcast to fp32 at a time in the token cross-entropy; the fp32
     # copy of all [rows, V] logits never exists at once (0 = one pass over all rows).
-    lm_ce_chunk: int = 1024
+    # None: 1024 on a GPU, 0 on CPU (a small vocabulary there; one fused pass is quicker).
+    lm_ce_chunk: int | None = None
 
 
 @dataclass
@@ -128,7 +129,7 @@ class DistConfig:
     contiguous_gradients: bool = True
     reduce_bucket_size: int = 500_000_000
     allgather_bucket_size: int = 500_000_000  # ZeRO-1/2 only
-    stage3_param_persistence_threshold: int | None = None  # auto: 1e6 on GPU, 1e5 on CPU
+    stage3_param_persistence_threshold: int | None = None  # auto: 1e7 on GPU, 1e5 on CPU
     stage3_prefetch_bucket_size: int | None = None  # auto: 5e7
     stage3_max_live_parameters: int | None = None  # auto: 1e9
     # ZeRO-3 swaps nn.Linear's function for one that re-gathers weights in backward instead of
@@ -249,7 +250,8 @@ def _validate(cfg: Config) -> Config:
     need(cfg.loss.tau_init > 0, "loss.tau_init: the temperature must be > 0")
     need(cfg.loss.n_negatives >= 0, "loss.n_negatives: must be >= 0")
     need(0 < cfg.loss.decode_fraction <= 1, "loss.decode_fraction: must be in (0, 1]")
-    need(cfg.loss.lm_ce_chunk >= 0, "loss.lm_ce_chunk: must be >= 0 (rows per fp32 chunk, e.g. 1024; 0 = unchunked)")
+    need(cfg.loss.lm_ce_chunk is None or cfg.loss.lm_ce_chunk >= 0,
+         "loss.lm_ce_chunk: must be >= 0 (rows per fp32 chunk, e.g. 1024; 0 = unchunked), or null for the device default")
     for key in ("reduce_bucket_size", "allgather_bucket_size"):
         need(getattr(cfg.dist, key) > 0, f"dist.{key}: must be > 0 elements, e.g. 500000000")
     need(not cfg.dist.deepcompile or cfg.dist.compile in ("auto", "model"),

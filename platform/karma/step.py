@@ -88,6 +88,13 @@ class NegativeSampler:
         return inverse_cdf_sample(self._cdf, self.n, self.gen)
 
 
+def ce_chunk(loss: LossConfig, device: torch.device) -> int:
+    """loss.lm_ce_chunk with its per-device default: 1024 rows on a GPU, unchunked on CPU."""
+    if loss.lm_ce_chunk is not None:
+        return loss.lm_ce_chunk
+    return 0 if device.type == "cpu" else 1024
+
+
 def karma_losses(model: KarmaModel, batch: dict, loss: LossConfig, sampler: NegativeSampler | None,
                  gather: Gather = local_gather) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Total loss and its detached parts (tensors: reading them syncs a GPU, so callers
@@ -113,10 +120,11 @@ def karma_losses(model: KarmaModel, batch: dict, loss: LossConfig, sampler: Nega
                         reduce=model.cfg.head_reduce, mix_logits=out["mix_logits"])
 
     l_gen = l_rec = None
+    chunk = ce_chunk(loss, target.device)
     if loss.w_gen > 0:
-        l_gen = token_ce(out["gen_logits"].unsqueeze(0), out["gen_labels"].unsqueeze(0), chunk=loss.lm_ce_chunk)
+        l_gen = token_ce(out["gen_logits"].unsqueeze(0), out["gen_labels"].unsqueeze(0), chunk=chunk)
     if loss.w_rec > 0:
-        l_rec = token_ce(out["rec_logits"].unsqueeze(0), out["rec_labels"].unsqueeze(0), chunk=loss.lm_ce_chunk)
+        l_rec = token_ce(out["rec_logits"].unsqueeze(0), out["rec_labels"].unsqueeze(0), chunk=chunk)
     total = total_loss(l_act, l_gen, l_rec, w_gen=loss.w_gen, w_rec=loss.w_rec)
     # n_tokens: real (unpadded) positions through the backbone, for tokens/s
     parts = {"loss": total.detach(), "loss_action": l_act.detach(), "tau": out["tau"].detach(),
