@@ -30,12 +30,12 @@ ANALYSIS_EXAMPLES = 512  # test users for the semantic analyses
 TABLES = (
     ("Retrieval (test)", "test", ("HR@10", "HR@50", "HR@200", "NDCG@10", "NDCG@50", "MRR")),
     ("Long-tail targets (test; fewer than 5 training interactions)", "test",
-     ("tail/n_queries", "tail/HR@10", "tail/NDCG@10", "tail/HR@50", "tail/NDCG@50", "tail/MRR")),
+     ("tail/n_queries", "tail/HR@10", "tail/HR@50", "tail/HR@200", "tail/NDCG@200", "tail/MRR")),
     (f"Semantic analyses (first {ANALYSIS_EXAMPLES} test users)", "analyses",
      ("sink_rate_first", "sink_rate_first_uniform", "sink_rate_item", "top1_share", "entropy", "barcode",
       "effective_rank", "mean_cosine", "token_f1", "category_match")),
 )
-PAIRED = ("HR@10", "NDCG@10", "tail/HR@10", "sink_rate_first", "effective_rank")
+PAIRED = ("HR@10", "NDCG@10", "tail/HR@200", "sink_rate_first", "effective_rank", "token_f1")
 
 
 def heatmap_path(arm: str) -> Path:
@@ -61,10 +61,10 @@ def load_runs() -> dict[str, list[dict]]:
                   for p in sorted(OUT.glob(f"{arm}-seed*.json"))] for arm in ARMS}
 
 
-def cell(values: np.ndarray) -> str:
+def cell(values: np.ndarray, count: bool = False) -> str:
     if np.isnan(values).all():
         return "–"  # not measured by these runs
-    if np.all(values == np.round(values)) and np.all(values == values[0]):
+    if count and np.all(values == values[0]):
         return f"{int(values[0])}"  # a count every seed shares (e.g. tail/n_queries)
     std = values.std(ddof=1) if len(values) > 1 else 0.0
     return f"{values.mean():.4f} ± {std:.4f}"
@@ -75,7 +75,8 @@ def table(runs: dict[str, list[dict]], section: str, metrics: tuple[str, ...]) -
     for arm, rs in runs.items():
         rs = [r for r in rs if section in r]
         if rs:
-            cells = [cell(np.array([r[section].get(m, np.nan) for r in rs], dtype=float)) for m in metrics]
+            cells = [cell(np.array([r[section].get(m, np.nan) for r in rs], dtype=float), m.endswith("n_queries"))
+                     for m in metrics]
             lines.append(f"| {arm} | {len(rs)} | " + " | ".join(cells) + " |")
     return lines
 
