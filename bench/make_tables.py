@@ -1,0 +1,228 @@
+"""Regenerate BENCHMARKS.md from the JSON results under bench/results/: one table per kind of
+result, one row (or one row per measured mode) for every file, each naming its file and device.
+
+    python bench/make_tables.py            # rewrite BENCHMARKS.md
+    python bench/make_tables.py --check    # exit 1 if BENCHMARKS.md is not what the JSON gives
+
+The output depends only on the JSON (no dates of its own), so --check is stable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+OUT = ROOT / "BENCHMARKS.md"
+METRICS = ("HR@10", "NDCG@10", "HR@50", "NDCG@50", "MRR")
+
+
+# ---- reading ----------------------------------------------------------------------------------------
+
+def load_results(results: Path) -> list[tuple[str, dict]]:
+    """(path relative to the repository root, parsed JSON) of every *.json under `results`."""
+    out = []
+    for path in sorted(results.rglob("*.json")):
+        try:
+            rel = str(path.relative_to(ROOT))
+        except ValueError:
+            rel = str(path)
+        out.append((rel, json.loads(path.read_text())))
+    return out
+
+
+def kind_of(rel: str, r: dict) -> str:
+    name = Path(rel).name
+    if "modes" in r and name.startswith("train_throughput"):
+        return "train_throughput"
+    if name.startswith("retrieval") and "results" in r:
+        return "retrieval"
+    if "http" in r and "in_process" in r:
+        return "serve_load"
+    if "per_seed" in r and "mean_std" in r:
+        return "sasrec"
+    if "after" in r and "popularity" in r:
+        return "training_run"
+    return "other"
+
+
+def device_of(r: dict) -> str:
+    """The device a file says it ran on, in words; never guessed from the file name."""
+    if r.get("device_name") or r.get("device"):
+        name, dev = r.get("device_name"), r.get("device")
+        return f"{dev}: {name}" if dev and name and name != dev else str(name or dev)
+    host = r.get("host")
+    if isinstance(host, dict) and host.get("cpus"):
+        return f"cpu ({host['cpus']} cores)"
+    if "CPU" in str(r.get("note", "")):
+        return "cpu (per its note)"
+    return "not recorded"
+
+
+# ---- formatting ---------------------------------------------------------------------------------------
+
+def fmt(x, spec: str = ",.0f") -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float) and x != x:
+        return "nan"
+    return format(x, spec) if isinstance(x, (int, float)) else str(x)
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    return lines + ["| " + " | ".join(str(c).replace("|", "/") for c in row) + " |" for row in rows]
+
+
+def code(rel: str) -> str:
+    return f"`{rel}`"
+
+
+# ---- sections -----------------------------------------------------------------------------------------
+
+def train_rows(rel: str, r: dict) -> list[list[str]]:
+    s = r.get("settings", {})
+    shape = f"{s.get('backbone_shape', '?')} b{s.get('batch', '?')} h{s.get('history', '?')} t{s.get('text_tokens', '?')}"
+    rows = []
+    for name, m in r["modes"].items():
+        c = m.get("config") or {}
+        zero = "-" if (m.get("kind") or name) == "plain" else fmt(c.get("zero_stage", s.get("zero")), "d")
+        compiled = c.get("compiled") or ("decoder" if s.get("compile") is True else "none" if s.get("compile") is False
+                                          else s.get("compile", "-"))
+        if "error" in m:
+            rows.append([code(rel), device_of(r), shape, name, zero, compiled, "error: " + m["error"].splitlines()[0][:80],
+                         "", "", "", ""])
+            continue
+        mfu = "-" if m.get("mfu") is None else f"{m['mfu'] * 100:.1f}%"
+        syncs = "-" if not m.get("host_syncs") else fmt(m["host_syncs"]["count"], "d")
+        rows.append([code(rel), device_of(r), shape, name, zero, compiled, f"{m['step_s_median'] * 1e3:.1f}",
+                     fmt(m["tokens_per_s"]), mfu, f"{m['peak_memory_gib']:.2f}", syncs])
+    return rows
+
+
+def train_section(files: list[tuple[str, dict]]) -> list[str]:
+    header = ["file", "device", "shape (batch, history, text)", "row", "ZeRO", "compile", "step ms", "tokens/s",
+              "MFU", "peak GiB", "host syncs"]
+    out = ["## Training throughput (full KARMA step)", "",
+           "`bench/train_throughput.py`; MFU against 989 TFLOP/s bf16 (H100/H200), none on CPU; peak memory is "
+           "`max_memory_allocated` on CUDA and process RSS on CPU; host syncs are counted on CUDA only. "
+           "Method: `bench/NOTES.md`.", ""]
+    for title, dev in (("CUDA", "cuda"), ("CPU", "cpu")):
+        rows = [row for rel, r in files if r.get("device") == dev for row in train_rows(rel, r)]
+        if rows:
+            out += [f"### {title}", ""] + table(header, rows) + [""]
+            ratios = [(rel, r["ratios"]) for rel, r in files if r.get("device") == dev and r.get("ratios")]
+            out += [f"- {code(rel)}: " + ", ".join(f"{k} {fmt(v, '.3g')}" for k, v in rat.items() if v is not None)
+                    for rel, rat in ratios if any(v is not None for v in rat.values())] + [""]
+    other = [row for rel, r in files if r.get("device") not in ("cuda", "cpu") for row in train_rows(rel, r)]
+    if other:
+        out += ["### Other devices", ""] + table(header, other) + [""]
+    return out
+
+
+def retrieval_section(files: list[tuple[str, dict]]) -> list[str]:
+    rows = []
+    for rel, r in files:
+        for name, v in r["results"].items():
+            rows.append([code(rel), device_of(r), f"{fmt(r.get('n_items'))} x {r.get('dim')}", fmt(r.get("k"), "d"),
+                         name, v.get("dtype", v.get("index_device", "-")), fmt(v.get("batch", r.get("batch"))),
+                         fmt(v.get("chunk_size")), fmt(v.get("block")), fmt(v.get("qps"))])
+    header = ["file", "device", "items x dim", "k", "row", "dtype / index", "batch", "chunk", "block", "queries/s"]
+    return ["## Retrieval (exact top-k over the full corpus)", "",
+            "`bench/retrieval_eval.py`: `karma.retrieval.exact_topk` rows and faiss `IndexFlatIP`; a `-` chunk or "
+            "block is a file written before those settings were recorded.", ""] + table(header, rows) + [""]
+
+
+def serve_section(files: list[tuple[str, dict]]) -> list[str]:
+    rows = []
+    for rel, r in files:
+        for v in r["http"]:
+            rows.append([code(rel), device_of(r), "http " + str(v.get("endpoint")), "on" if v.get("batching") else "off",
+                         fmt(v.get("concurrency")), fmt(v.get("rps"), ",.1f"), fmt(v.get("p50_ms"), ".2f"),
+                         fmt(v.get("p95_ms"), ".2f"), fmt(v.get("p99_ms"), ".2f"), fmt(v.get("failed"))])
+        for v in r["in_process"]:
+            rows.append([code(rel), device_of(r), f"in-process, batch {v.get('batch')}", "-", "1",
+                         fmt(v.get("rps"), ",.1f"), fmt(v.get("p50_ms"), ".2f"), fmt(v.get("p95_ms"), ".2f"),
+                         fmt(v.get("p99_ms"), ".2f"), fmt(v.get("failed"))])
+    header = ["file", "device", "endpoint", "batching", "clients", "req/s", "p50 ms", "p95 ms", "p99 ms", "failed"]
+    out = ["## Serving load", "", "`bench/serve_load.py`.", ""] + table(header, rows) + [""]
+    for rel, r in files:
+        goals = r.get("goals") or {}
+        if goals:
+            out.append(f"- {code(rel)} goals: " + "; ".join(
+                f"{k} {'met' if g.get('met') else 'not met'}" for k, g in goals.items()))
+    return out + [""]
+
+
+def sasrec_section(files: list[tuple[str, dict]]) -> list[str]:
+    rows = []
+    for rel, r in files:
+        ms = r["mean_std"]
+        cells = [f"{ms[m]['mean']:.4f} ± {ms[m]['std']:.4f}" if m in ms else "-" for m in METRICS]
+        rows.append([code(rel), device_of(r), ", ".join(str(s) for s in r.get("seeds", []))] + cells)
+    header = ["file", "device", "seeds"] + [f"test {m}" for m in METRICS]
+    return ["## SASRec baseline, Amazon Scientific", "",
+            "`bench/sasrec_scientific.py`: mean ± sample std over seeds, full ranking.", ""] + table(header, rows) + [""]
+
+
+def run_section(files: list[tuple[str, dict]]) -> list[str]:
+    rows = []
+    for rel, r in files:
+        after, test, pop = r.get("after") or {}, r.get("test") or {}, r.get("popularity") or {}
+        rows.append([code(rel), device_of(r), fmt(r.get("steps")), fmt(r.get("seconds"), ",.0f"),
+                     fmt(pop.get("HR@10"), ".4f"), fmt(after.get("HR@10"), ".4f"), fmt(after.get("NDCG@10"), ".4f"),
+                     fmt(test.get("HR@10"), ".4f"), fmt(test.get("NDCG@10"), ".4f")])
+    header = ["file", "device", "steps", "seconds", "popularity HR@10", "valid HR@10", "valid NDCG@10",
+              "test HR@10", "test NDCG@10"]
+    return ["## Training runs (plain loop)", "",
+            "`jobs/train_plain.py` results: validation after the last epoch, test with the best epoch's weights "
+            "(`-`: the run predates test metrics). These files carry no device field; the device column says what "
+            "the file itself states.", ""] + table(header, rows) + [""]
+
+
+def other_section(files: list[tuple[str, dict]]) -> list[str]:
+    rows = [[code(rel), device_of(r), ", ".join(sorted(r)[:8])] for rel, r in files]
+    return ["## Other results", ""] + table(["file", "device", "fields"], rows) + [""]
+
+
+SECTIONS = (("train_throughput", train_section), ("retrieval", retrieval_section), ("serve_load", serve_section),
+            ("sasrec", sasrec_section), ("training_run", run_section), ("other", other_section))
+
+
+def render(results: Path = RESULTS) -> str:
+    files = load_results(results)
+    by_kind: dict[str, list] = {}
+    for rel, r in files:
+        by_kind.setdefault(kind_of(rel, r), []).append((rel, r))
+    lines = ["# Benchmarks", "",
+             "Generated by `python bench/make_tables.py` from the JSON under `bench/results/`; do not edit by hand. "
+             "How each benchmark measures, and what the numbers mean against the goals: `bench/NOTES.md`.", ""]
+    for kind, section in SECTIONS:
+        if by_kind.get(kind):
+            lines += section(by_kind[kind])
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--check", action="store_true", help="compare instead of writing; exit 1 when stale")
+    args = ap.parse_args(argv)
+    text = render(args.results)
+    if args.check:
+        current = args.out.read_text() if args.out.exists() else ""
+        if current != text:
+            print(f"{args.out} is stale: run python bench/make_tables.py", file=sys.stderr)
+            return 1
+        return 0
+    args.out.write_text(text)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""bench/make_tables.py renders BENCHMARKS.md from the committed JSON: every file gets a row."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("make_tables", ROOT / "bench" / "make_tables.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_committed_result_has_a_row(tmp_path):
+    mt = _module()
+    out = tmp_path / "BENCHMARKS.md"
+    assert mt.main(["--out", str(out)]) == 0
+    text = out.read_text()
+    files = sorted((ROOT / "bench" / "results").rglob("*.json"))
+    assert files
+    for path in files:
+        rel = str(path.relative_to(ROOT))
+        rows = [line for line in text.splitlines() if line.startswith(f"| `{rel}` |")]
+        assert rows, f"no row for {rel}"
+        assert all(line.split(" | ")[1].strip() for line in rows)  # a device cell, never empty
+    assert mt.main(["--out", str(out), "--check"]) == 0  # deterministic: a second render is identical
+
+
+def test_kinds_and_rows_of_new_format_files(tmp_path):
+    """A result written by today's benchmarks (variants, config records, errors) renders too."""
+    mt = _module()
+    res = tmp_path / "results"
+    res.mkdir()
+    row = {"kind": "deepspeed", "config": {"zero_stage": 3, "compiled": "none"}, "step_s_median": 0.5,
+           "tokens_per_s": 1000.0, "mfu": 0.1, "peak_memory_gib": 2.0, "host_syncs": {"count": 4, "where": []}}
+    (res / "train_throughput_cuda_x.json").write_text(json.dumps({
+        "device": "cuda", "device_name": "NVIDIA H100", "settings": {"backbone_shape": "qwen0.5b", "batch": 128},
+        "modes": {"zero3": row, "broken": {"kind": "deepspeed", "error": "RuntimeError: boom\nmore"}},
+        "ratios": {"zero3_over_deepspeed": 0.9}}))
+    (res / "retrieval_cuda_v.json").write_text(json.dumps({
+        "device": "cuda", "device_name": "NVIDIA H100", "n_items": 10, "dim": 4, "k": 2, "batch": 8,
+        "results": {"b4096": {"dtype": "float16", "batch": 4096, "chunk_size": 262144, "block": 4096, "qps": 1e5}}}))
+    (res / "mystery.json").write_text(json.dumps({"a": 1}))
+    text = mt.render(res)
+    assert "| zero3 | 3 | none | 500.0 | 1,000 | 10.0% | 2.00 | 4 |" in text
+    assert "error: RuntimeError: boom" in text
+    assert "| b4096 | float16 | 4,096 | 262,144 | 4,096 | 100,000 |" in text
+    assert "mystery.json" in text and "| not recorded |" in text
