@@ -15,6 +15,7 @@ from karma.export import export_model, load_export
 from karma.factory import build_model
 from karma.retrieval import exact_topk
 from karma.serving import (
+    BusyWait,
     Job,
     ModelHandle,
     ModelSpec,
@@ -211,3 +212,16 @@ def test_run_jobs_answers_each_request_on_its_own_handle(handle, export_dir) -> 
     assert not np.array_equal(a["interests"], b["interests"])  # bf16 weights: a different model
     np.testing.assert_allclose(a["interests"], b["interests"], atol=0.1)
     assert run_jobs([]) == []
+
+
+def test_busy_wait_waits_only_while_batches_hold_several_requests() -> None:
+    w = BusyWait(0.02)
+    assert [w.observe(1) for _ in range(50)] == [0.0] * 50  # a lone client never waits
+    assert w.observe(4) == 0.02  # 0.8 * 1 + 0.2 * 4 = 1.6 >= 1.25: busy, wait for company
+    waits = [w.observe(1) for _ in range(10)]  # load gone: the average decays back below 1.25
+    assert waits[0] == 0.02 and waits[-1] == 0.0
+    assert BusyWait(0.02, threshold=0.0).observe(1) == 0.02  # not adaptive: always the full wait
+    with pytest.raises(ValueError, match="max_wait_s"):
+        BusyWait(-1.0)
+    with pytest.raises(ValueError, match="decay"):
+        BusyWait(0.01, decay=1.0)

@@ -45,6 +45,7 @@ __all__ = [
     "rank_features",
     "user_features",
     "run_jobs",
+    "BusyWait",
 ]
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -410,3 +411,35 @@ def run_jobs(work: Sequence[tuple[ModelHandle, Job]]) -> list[dict[str, Any]]:
             out[i] = res
     return out  # type: ignore[return-value]
 
+
+
+@dataclass
+class BusyWait:
+    """How long the next batch waits for more requests: `max_wait_s` while recent batches held
+    more than one request, 0 otherwise.
+
+    Under load a short wait fills batches, and one forward pass per batch is what makes batching
+    pay (a model call costs about the same for 1 request as for 16). A lone client, whose next
+    request only comes after this one's answer, would gain nothing from waiting: its batches
+    hold one request, the average stays at 1 and it never waits. Batch sizes are averaged with
+    weight `1 - decay` on the newest."""
+
+    max_wait_s: float
+    threshold: float = 1.25
+    decay: float = 0.8
+    mean_batch: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.max_wait_s < 0:
+            raise ValueError(f"max_wait_s must be >= 0, got {self.max_wait_s}")
+        if not 0.0 <= self.decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {self.decay}")
+
+    def observe(self, batch_size: int) -> float:
+        """Record a batch that just formed; return the wait for the next one."""
+        self.mean_batch = self.decay * self.mean_batch + (1.0 - self.decay) * batch_size
+        return self.wait_s
+
+    @property
+    def wait_s(self) -> float:
+        return self.max_wait_s if self.mean_batch >= self.threshold else 0.0
