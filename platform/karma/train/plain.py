@@ -54,7 +54,7 @@ def train_plain(cfg: Config, log=print) -> dict:
     opt = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr)
     steps = total_steps(cfg, len(prep.split.train))
     sched = make_scheduler(opt, cfg.train.warmup_steps, steps)
-    sampler = NegativeSampler(prep.counts, cfg.loss.n_negatives, seed=cfg.train.seed)
+    sampler = NegativeSampler(prep.counts, cfg.loss.n_negatives, seed=cfg.train.seed, device=device)
     progress = Progress(steps, cfg.train.log_every, log)
     rng = np.random.default_rng(cfg.train.seed)
     step, epoch, best, stale, start = 0, 0, -1.0, 0, time.time()
@@ -102,7 +102,9 @@ def train_plain(cfg: Config, log=print) -> dict:
                                          counts=prep.counts))
     log(f"test (weights of epoch {best_epoch}): HR@10={result['test']['HR@10']:.4f} "
         f"NDCG@10={result['test']['NDCG@10']:.4f} tail/HR@10={result['test']['tail/HR@10']:.4f}")
-    if cfg.train.analysis_examples:
+    if cfg.train.analysis_examples and cfg.model.arch == "sasrec":
+        log("semantic analyses skipped: they read a language model's attention and decoding, SASRec has neither")
+    elif cfg.train.analysis_examples:
         result["analyses"], result["decoded"] = semantic_analyses(
             model, prep.split.test, prep.data.items, tok, cfg.data.max_history, device,
             n=cfg.train.analysis_examples, decode_tokens=cfg.data.text_max_tokens)
