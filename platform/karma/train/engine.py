@@ -140,8 +140,9 @@ _DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "
 @contextlib.contextmanager
 def single_process_group(device: str = "cpu"):
     """A world of one (gloo on CPU, nccl on CUDA) for DeepSpeed outside any launcher; the
-    environment and DeepSpeed's cached groups are as before afterwards, so another can follow
-    in the same process. Does nothing when a group already exists."""
+    environment, DeepSpeed's cached groups and torch.nn.functional.linear are as before
+    afterwards, so other work can follow in the same process. Does nothing when a group
+    already exists."""
     if dist.is_initialized():
         yield
         return
@@ -149,6 +150,10 @@ def single_process_group(device: str = "cpu"):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     saved = {k: os.environ.get(k) for k in _DIST_ENV}
+    # A ZeRO-3 engine swaps F.linear for DeepSpeed's memory-efficient linear for the rest of the
+    # process; its bf16 results differ from torch's in the last bits (the export reloaded in a
+    # fresh process then differs from what this process computed), so put torch's back.
+    linear = torch.nn.functional.linear
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
                       LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
     dist.init_process_group(backend="nccl" if device == "cuda" else "gloo", rank=0, world_size=1)
@@ -156,6 +161,7 @@ def single_process_group(device: str = "cpu"):
         yield
     finally:
         _destroy_group()
+        torch.nn.functional.linear = linear
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
