@@ -27,6 +27,8 @@ def test_overrides_parse_types():
     (["train.lrr=1"], "unknown key(s) ['lrr'] in train"),
     (["trian.lr=1"], "unknown key(s) ['trian'] in the top level"),
     (["dist.zero_stage=4"], "dist.zero_stage: 4 is not a ZeRO stage"),
+    (["dist.gpus_per_worker=1.5"], "dist.gpus_per_worker: 1.5 is neither a fraction in (0, 1]"),
+    (["dist.gpus_per_worker=0"], "dist.gpus_per_worker: 0 is neither"),
     (["train.batch_size=abc"], "train.batch_size: expected an integer"),
     (["train.batch_size=1"], "train.batch_size: must be at least 2"),
     (["dist.precision=fp8"], "dist.precision: 'fp8' is not allowed"),

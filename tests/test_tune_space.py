@@ -160,7 +160,9 @@ def test_param_space_builds_tune_domains():
     (["dist.num_workers=1"], 4, {"CPU": 3}, (2, "max_concurrent_trials=4 clipped to 2")),
     (["dist.num_workers=2"], 1, {"CPU": 9}, (1, None)),
     (["dist.num_workers=2", "dist.cpus_per_worker=2"], 8, {"CPU": 17}, (4, "clipped to 4")),
-    (["dist.num_workers=2", "dist.use_gpu=true"], 8, {"CPU": 64, "GPU": 4}, (2, "2 GPU worker(s) per trial on 4")),
+    (["dist.num_workers=2", "dist.use_gpu=true"], 8, {"CPU": 64, "GPU": 4}, (2, "2 GPU worker(s) x 1 GPU per trial on 4 GPUs")),
+    (["dist.num_workers=1", "dist.use_gpu=true", "dist.gpus_per_worker=0.25"], 8, {"CPU": 16, "GPU": 1},
+     (4, "1 GPU worker(s) x 0.25 GPU per trial on 1 GPUs")),
 ])
 def test_concurrency_is_bounded_by_the_cluster(overrides, requested, cluster, want):
     n, note = concurrency(load_config(ROOT / "configs" / "tiny.yaml", overrides), requested, cluster)

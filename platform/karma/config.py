@@ -110,6 +110,8 @@ class DistConfig:
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: int = 1
+    # GPUs each worker holds; a fraction (e.g. 0.25) packs several small trials onto one GPU
+    gpus_per_worker: float = 1.0
     zero_stage: int = 2
     precision: Literal["fp32", "bf16"] = "bf16"
     activation_checkpointing: bool = False
@@ -240,6 +242,10 @@ def _validate(cfg: Config) -> Config:
     need(cfg.dist.zero_stage in (0, 1, 2, 3), f"dist.zero_stage: {cfg.dist.zero_stage} is not a ZeRO stage; use 0, 1, 2 or 3")
     need(cfg.dist.num_workers >= 1, "dist.num_workers: must be at least 1")
     need(cfg.dist.cpus_per_worker >= 1, "dist.cpus_per_worker: must be at least 1")
+    g = cfg.dist.gpus_per_worker
+    need(isinstance(g, (int, float)) and not isinstance(g, bool) and g > 0 and (g <= 1 or float(g).is_integer()),
+         f"dist.gpus_per_worker: {g:g} is neither a fraction in (0, 1] nor a whole number of GPUs; "
+         "use e.g. 0.25 to share one GPU among 4 workers, or 1")
     need(cfg.model.n_interest >= 1, "model.n_interest: must be at least 1 (the H interest tokens)")
     need(cfg.model.embed_dim >= 2, "model.embed_dim: must be at least 2")
     need(cfg.model.tiny_hidden % cfg.model.tiny_heads == 0, "model.tiny_hidden: must be divisible by model.tiny_heads")

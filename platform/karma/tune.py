@@ -39,7 +39,7 @@ SCHEDULER_KEYS = ("type", "grace_period", "reduction_factor", "max_t")
 KNOWN_METRICS = ("MRR", "sink_rate_first", "sink_rate_item", "top1_share", "entropy", "barcode",
                  "effective_rank", "mean_cosine", "token_f1", "category_match")
 # Fixed per trial by the sweep (naming, resources): a space may not vary them.
-RESERVED_PARAMS = ("tracking.", "dist.num_workers", "dist.cpus_per_worker", "dist.use_gpu",
+RESERVED_PARAMS = ("tracking.", "dist.num_workers", "dist.cpus_per_worker", "dist.gpus_per_worker", "dist.use_gpu",
                    "dist.storage_path")
 TRIAL_DRIVER_MEMORY = 256 * 1024**2  # bytes the trial's own process reserves (see run_sweep)
 _RANK_METRIC = re.compile(r"^(HR|NDCG)@(\d+)$")
@@ -389,9 +389,12 @@ def concurrency(cfg: Config, requested: int | None, cluster: dict[str, float]) -
     fit = (cpus - 1) // per_trial
     why = f"{cfg.dist.num_workers} worker(s) x {cfg.dist.cpus_per_worker} CPU per trial + 1 CPU for data on {cpus} CPUs"
     if cfg.dist.use_gpu:
-        gpus = int(cluster.get("GPU", 0))
-        if gpus // cfg.dist.num_workers < fit:
-            fit, why = gpus // cfg.dist.num_workers, f"{cfg.dist.num_workers} GPU worker(s) per trial on {gpus} GPUs"
+        gpus = float(cluster.get("GPU", 0))
+        per_gpu = cfg.dist.num_workers * cfg.dist.gpus_per_worker
+        if int(gpus / per_gpu + 1e-9) < fit:
+            fit = int(gpus / per_gpu + 1e-9)
+            why = (f"{cfg.dist.num_workers} GPU worker(s) x {cfg.dist.gpus_per_worker:g} GPU per trial "
+                   f"on {gpus:g} GPUs")
     if fit < 1:
         raise ConfigError(f"one trial needs {why}, more than the cluster has; lower dist.num_workers "
                           "or dist.cpus_per_worker, or add nodes")

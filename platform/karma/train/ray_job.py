@@ -63,10 +63,12 @@ def check_resources(cfg: Config) -> None:
             f"dist.num_workers={cfg.dist.num_workers} x dist.cpus_per_worker={cfg.dist.cpus_per_worker} "
             f"plus 1 CPU for data loading needs {need_cpu} CPUs but the cluster has {have.get('CPU', 0):g}; "
             "lower dist.num_workers or add nodes")
-    if cfg.dist.use_gpu and cfg.dist.num_workers > have.get("GPU", 0):
+    need_gpu = cfg.dist.num_workers * cfg.dist.gpus_per_worker
+    if cfg.dist.use_gpu and need_gpu > have.get("GPU", 0):
         raise ConfigError(
-            f"dist.num_workers={cfg.dist.num_workers} GPU workers but the cluster has {have.get('GPU', 0):g} "
-            "GPUs; lower dist.num_workers or set dist.use_gpu=false")
+            f"dist.num_workers={cfg.dist.num_workers} x dist.gpus_per_worker={cfg.dist.gpus_per_worker:g} needs "
+            f"{need_gpu:g} GPUs but the cluster has {have.get('GPU', 0):g}; lower dist.num_workers or "
+            "dist.gpus_per_worker, or set dist.use_gpu=false")
 
 
 def init_ray(cfg: Config) -> None:
@@ -112,7 +114,8 @@ def fit(cfg: Config, run_root: Path, mlflow_run_id: str | None = None, tracking_
                            "total_steps": total, "mlflow_run_id": mlflow_run_id, "tracking_uri": tracking_uri},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.dist.num_workers, use_gpu=cfg.dist.use_gpu,
-            resources_per_worker={"CPU": cfg.dist.cpus_per_worker, **({"GPU": 1} if cfg.dist.use_gpu else {})}),
+            resources_per_worker={"CPU": cfg.dist.cpus_per_worker,
+                                  **({"GPU": cfg.dist.gpus_per_worker} if cfg.dist.use_gpu else {})}),
         run_config=ray.train.RunConfig(
             name=cfg.tracking.run_name, storage_path=str(run_root.parent.resolve() / "ray"),
             failure_config=ray.train.FailureConfig(max_failures=cfg.dist.max_failures), callbacks=callbacks,
