@@ -14,9 +14,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
 from conftest import ROOT
+from karma.export import load_export
 
 BIN = Path(sys.executable).parent
 
@@ -85,8 +88,13 @@ def test_ray_job_submit_train_succeeds(cluster):
                           capture_output=True, text=True).stdout
     assert "SUCCEEDED" in state, state + logs[-4000:]
     assert '"model_version": "1"' in logs  # the job's own summary line
-    assert (storage / "karma-tiny" / "final" / "export" / "model.safetensors").is_file()
+    export = storage / "karma-tiny" / "final" / "export"
+    assert (export / "model.safetensors").is_file()
     assert (storage / "mlflow.db").is_file()
+    # ZeRO-3, bf16: the export reloaded here computes what the trained model computed
+    probe = pd.read_parquet(export / "probe_examples.parquet")
+    got = load_export(export).interests([list(h) for h in probe["history"]])
+    np.testing.assert_allclose(got, np.load(export / "probe_interests.npy"), atol=1e-5)
 
 
 def test_job_api_refuses_requests_without_the_token(cluster):

@@ -138,6 +138,19 @@ _DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "
 
 
 @contextlib.contextmanager
+def torch_linear():
+    """torch's own F.linear inside the block. A ZeRO-3 engine swaps in DeepSpeed's memory-
+    efficient linear for the whole process (the same maths, other bf16 rounding): what must match
+    a fresh process bit for bit, like the export's probe, is computed with torch's."""
+    patched = torch.nn.functional.linear
+    torch.nn.functional.linear = torch._C._nn.linear
+    try:
+        yield
+    finally:
+        torch.nn.functional.linear = patched
+
+
+@contextlib.contextmanager
 def single_process_group(device: str = "cpu"):
     """A world of one (gloo on CPU, nccl on CUDA) for DeepSpeed outside any launcher; the
     environment, DeepSpeed's cached groups and torch.nn.functional.linear are as before

@@ -23,7 +23,7 @@ from karma.factory import build_model
 from karma.progress import Progress
 from karma.retrieval import evaluate_retrieval
 from karma.step import NegativeSampler, karma_losses, prepare_batch
-from karma.train.engine import full_state_dict, gather_targets, make_engine, set_cpu_threads
+from karma.train.engine import full_state_dict, gather_targets, make_engine, set_cpu_threads, torch_linear
 
 CKPT_TAG = "ckpt"
 FAULT_ENV = "KARMA_FAULT_AT_STEP"  # "STEP:MARKER_FILE": raise once at STEP (fault-injection tests)
@@ -188,7 +188,7 @@ def _final_outputs(engine, tok, cfg: Config, items, valid, metrics: dict, ckpt_d
     # A probe of interest embeddings the export must reproduce after reloading.
     probe = valid.iloc[:16]
     batch = prepare_batch(next(batches(probe, len(probe), cfg.data.max_history)), model, tok, device)
-    with torch.no_grad():
+    with torch.no_grad(), torch_linear():  # the arithmetic a reloading process will do
         item_emb = model.item_embeddings().float().cpu().numpy()
         z = model.interests(batch)["z"].float().cpu().numpy()
     maps = model.attention_maps(batch)
