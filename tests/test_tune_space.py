@@ -101,12 +101,19 @@ def test_bad_spaces_name_the_field(changes, needle):
     ({"params": {}, "arms": {"x": {"loss.w_gen": -1.0}}}, "arms.x.loss.w_gen: loss.w_gen / loss.w_rec: weights "
                                                           "must be >= 0"),
     ({"metric": "HR@20"}, "metric: HR@20 needs K=20 in train.ks"),
+    ({"metric": "tail/NDCG@20"}, "metric: tail/NDCG@20 needs K=20 in train.ks"),
+    ({"metric": "tail/recall"}, "metric: 'tail/recall' is not reported by training"),
     ({"metric": "accuracy"}, "metric: 'accuracy' is not reported by training"),
 ])
 def test_space_is_checked_against_the_config(changes, needle):
     with pytest.raises(ConfigError) as err:
         check_space(space(**changes), tiny())
     assert needle in str(err.value)
+
+
+def test_long_tail_metrics_are_sweep_objectives():
+    for metric in ("tail/HR@10", "tail/NDCG@10", "tail/MRR"):
+        check_space(space(metric=metric), tiny())
 
 
 def test_only_a_sample_is_checked_so_a_bad_grid_value_fails_its_own_trial():

@@ -36,13 +36,13 @@ SPACE_KEYS = ("name", "metric", "mode", "params", "arms", "seeds", "num_samples"
               "max_concurrent_trials", "overrides", "budget", "champion_alias")
 SCHEDULER_KEYS = ("type", "grace_period", "reduction_factor", "max_t")
 # Metrics every epoch report carries besides HR@K / NDCG@K (see karma.train.worker).
-KNOWN_METRICS = ("MRR", "sink_rate_first", "sink_rate_item", "top1_share", "entropy", "barcode",
+KNOWN_METRICS = ("MRR", "tail/MRR", "sink_rate_first", "sink_rate_item", "top1_share", "entropy", "barcode",
                  "effective_rank", "mean_cosine", "token_f1", "category_match")
 # Fixed per trial by the sweep (naming, resources): a space may not vary them.
 RESERVED_PARAMS = ("tracking.", "dist.num_workers", "dist.cpus_per_worker", "dist.gpus_per_worker", "dist.use_gpu",
                    "dist.storage_path")
 TRIAL_DRIVER_MEMORY = 256 * 1024**2  # bytes the trial's own process reserves (see run_sweep)
-_RANK_METRIC = re.compile(r"^(HR|NDCG)@(\d+)$")
+_RANK_METRIC = re.compile(r"^(tail/)?(HR|NDCG)@(\d+)$")  # tail/: the long-tail breakdown
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -261,12 +261,13 @@ def apply_values(base: dict[str, Any], values: dict[str, Any]) -> Config:
 def check_metric(space: Space, cfg: Config) -> None:
     m = _RANK_METRIC.match(space.metric)
     if m:
-        if int(m.group(2)) not in cfg.train.ks:
-            raise _fail(space.source, "metric", f"{space.metric} needs K={m.group(2)} in train.ks "
+        if int(m.group(3)) not in cfg.train.ks:
+            raise _fail(space.source, "metric", f"{space.metric} needs K={m.group(3)} in train.ks "
                                                 f"(now {cfg.train.ks}); add it or pick another K")
     elif space.metric not in KNOWN_METRICS:
         raise _fail(space.source, "metric", f"{space.metric!r} is not reported by training; use HR@K, NDCG@K "
-                                            f"(K in train.ks) or one of {list(KNOWN_METRICS)}")
+                                            f"(K in train.ks), tail/HR@K, tail/NDCG@K or one of "
+                                            f"{list(KNOWN_METRICS)}")
 
 
 def check_space(space: Space, cfg: Config) -> None:
