@@ -10,9 +10,16 @@ import pytest
 import torch
 
 from conftest import tiny_cfg
-from karma.evaluate import interest_attention, longest_history, semantic_analyses, tail_metrics
+from karma.evaluate import interest_attention, longest_history, semantic_analyses
 from karma.factory import build_model
+from karma.metrics import TAIL_THRESHOLD
 from karma.retrieval import evaluate_retrieval
+
+
+def tail_metrics(z, items, targets, counts, ks, threshold=TAIL_THRESHOLD) -> dict:
+    """The `tail/` part of evaluate_retrieval's report with training counts."""
+    out = evaluate_retrieval(z, items, targets, ks=ks, target_counts=counts, tail_threshold=threshold)
+    return {k: v for k, v in out.items() if k.startswith("tail/")}
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,10 @@ import pandas as pd
 import torch
 
 from karma.data import collate
-from karma.metrics import (effective_rank, fidelity_report, long_tail_report, mean_pairwise_cosine, ranking_report,
-                           readout_collapse, sink_stats, uniform_sink_rate)
+from karma.metrics import (TAIL_THRESHOLD, effective_rank, fidelity_report, long_tail_report, mean_pairwise_cosine,
+                           ranking_report, readout_collapse, sink_stats, uniform_sink_rate)
 from karma.model import KarmaModel
-from karma.retrieval import evaluate_retrieval, exact_ranks
+from karma.retrieval import evaluate_retrieval
 from karma.step import prepare_batch
 from karma.text import Tokenizer, item_texts
 
@@ -33,34 +33,16 @@ def interest_embeddings(model: KarmaModel, examples: pd.DataFrame, tok: Tokenize
     return torch.cat(out).numpy()
 
 
-TAIL_THRESHOLD = 5  # a long-tail target has fewer training interactions than this
-
-
-def tail_metrics(z, item_emb, targets: np.ndarray, counts: np.ndarray, ks=(10, 50, 200),
-                 threshold: int = TAIL_THRESHOLD) -> dict[str, float]:
-    """`tail/` HR@K, NDCG@K, MRR and n_queries over the queries whose target has fewer than
-    `threshold` training interactions (`counts`: the training-target count of every item, as
-    `Prepared.counts`). Ranks are exact over the full corpus, pessimistic on ties (as MRR);
-    they equal the faiss ranks behind HR@K / NDCG@K except on exact score ties."""
-    targets = np.asarray(targets, dtype=np.int64)
-    ranks = exact_ranks(torch.as_tensor(z).float().cpu(), torch.as_tensor(item_emb).float().cpu(),
-                        torch.from_numpy(targets))
-    return long_tail_report(ranks, np.asarray(counts)[targets], threshold, tuple(ks))
-
-
 def retrieval_metrics(model: KarmaModel, examples: pd.DataFrame, tok: Tokenizer, max_history: int,
                       device, ks=(10, 50, 200), counts: np.ndarray | None = None,
                       tail_threshold: int = TAIL_THRESHOLD) -> dict[str, float]:
     """HR@K / NDCG@K over the full item pool (faiss) and exact MRR; with the training
-    `counts`, also their long-tail breakdown (`tail/...`)."""
+    `counts` (`Prepared.counts`), also their long-tail breakdown (`tail/...`)."""
     z = interest_embeddings(model, examples, tok, max_history, device)
     with torch.no_grad():
         items = model.item_embeddings().float().cpu().numpy()
-    targets = examples["target"].to_numpy()
-    out = evaluate_retrieval(z, items, targets, ks=tuple(ks))
-    if counts is not None:
-        out.update(tail_metrics(z, items, targets, counts, ks, tail_threshold))
-    return out
+    return evaluate_retrieval(z, items, examples["target"].to_numpy(), ks=tuple(ks), target_counts=counts,
+                              tail_threshold=tail_threshold)
 
 
 def popularity_metrics(counts: np.ndarray, examples: pd.DataFrame, ks=(10, 50, 200),

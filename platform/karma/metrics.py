@@ -23,6 +23,7 @@ __all__ = [
     "mrr",
     "ranking_report",
     "long_tail_report",
+    "TAIL_THRESHOLD",
     "auc",
     "gauc",
     "sink_stats",
@@ -119,10 +120,13 @@ def ranking_report(ranks: ArrayLike, ks: Sequence[int] = (10, 50, 200)) -> dict[
     return out
 
 
+TAIL_THRESHOLD = 5  # a long-tail target has fewer training interactions than this
+
+
 def long_tail_report(
     ranks: ArrayLike,
     target_counts: ArrayLike,
-    threshold: int = 5,
+    threshold: int = TAIL_THRESHOLD,
     ks: Sequence[int] = (10, 50, 200),
     prefix: str = "tail/",
 ) -> dict[str, float]:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from karma.metrics import ranking_report
+from karma.metrics import TAIL_THRESHOLD, long_tail_report, ranking_report
 
 __all__ = [
     "exact_topk",
@@ -350,9 +350,13 @@ def evaluate_retrieval(
     index: ItemIndex | None = None,
     exclude: np.ndarray | torch.Tensor | None = None,
     chunk_size: int = 65536,
+    target_counts: np.ndarray | None = None,
+    tail_threshold: int = TAIL_THRESHOLD,
 ) -> dict[str, float | int]:
     """HR@k / NDCG@k from one faiss top-max(ks) search (a flat index is built when
     none is given) and MRR from exact chunked full-corpus ranks (pessimistic ties).
+    With `target_counts` (every item's training-target count), also the long-tail breakdown
+    (`tail/...`, karma.metrics.long_tail_report) from the same exact ranks.
 
     A target is always rankable: it is removed from its own exclude row first.
     """
@@ -378,4 +382,6 @@ def evaluate_retrieval(
     exact = exact_ranks(q_t.to(items_t.device), items_t, t, None if ex is None else ex, chunk_size)
     out["MRR"] = float((1.0 / exact.double()).mean())
     out["n_queries"] = int(t.shape[0])
+    if target_counts is not None:
+        out.update(long_tail_report(exact, np.asarray(target_counts)[t.cpu().numpy()], tail_threshold, tuple(ks)))
     return out

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from karma.config import Config, from_dict
 from karma.data import collate
-from karma.evaluate import batches, semantic_analyses, tail_metrics
+from karma.evaluate import batches, semantic_analyses
 from karma.export import export_model
 from karma.factory import build_model
 from karma.progress import Progress
@@ -161,9 +161,9 @@ def _evaluate(engine, valid, items, tok, cfg: Config, device, rank: int, world: 
     with torch.no_grad():  # every rank: under ZeRO-3 any module call is a collective
         item_emb = engine.module.item_embeddings().float().cpu()
     if rank == 0:
-        metrics = evaluate_retrieval(z, item_emb, valid["target"].to_numpy(), ks=tuple(cfg.train.ks))
-        if counts is not None:  # the long-tail breakdown (tail/...), by training-target counts
-            metrics.update(tail_metrics(z, item_emb, valid["target"].to_numpy(), counts, cfg.train.ks))
+        # with counts: the long-tail breakdown (tail/...) too, from the same exact ranks
+        metrics = evaluate_retrieval(z, item_emb, valid["target"].to_numpy(), ks=tuple(cfg.train.ks),
+                                     target_counts=counts)
     if cfg.train.analysis_examples:
         # Every worker runs the same analyses (ZeRO-3 forwards are collective); rank 0's count.
         report, _ = semantic_analyses(engine.module, valid, items, tok, cfg.data.max_history, device,
