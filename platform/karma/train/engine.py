@@ -139,9 +139,10 @@ _DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "
 
 @contextlib.contextmanager
 def torch_linear():
-    """torch's own F.linear inside the block. A ZeRO-3 engine swaps in DeepSpeed's memory-
-    efficient linear for the whole process (the same maths, other bf16 rounding): what must match
-    a fresh process bit for bit, like the export's probe, is computed with torch's."""
+    """torch's own F.linear inside the block, and whatever F.linear was before afterwards. A
+    ZeRO-3 engine swaps in DeepSpeed's memory-efficient linear for the whole process (the same
+    maths, other bf16 rounding): what must match a fresh process bit for bit, like the export's
+    probe, is computed with torch's."""
     patched = torch.nn.functional.linear
     torch.nn.functional.linear = torch._C._nn.linear
     try:
@@ -163,18 +164,16 @@ def single_process_group(device: str = "cpu"):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     saved = {k: os.environ.get(k) for k in _DIST_ENV}
-    # A ZeRO-3 engine swaps F.linear for DeepSpeed's memory-efficient linear for the rest of the
-    # process; its bf16 results differ from torch's in the last bits (the export reloaded in a
-    # fresh process then differs from what this process computed), so put torch's back.
-    linear = torch.nn.functional.linear
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
                       LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
     dist.init_process_group(backend="nccl" if device == "cuda" else "gloo", rank=0, world_size=1)
     try:
-        yield
+        # a ZeRO-3 engine made inside swaps F.linear process-wide: later work here would not
+        # compute what a fresh process does
+        with torch_linear():
+            yield
     finally:
         _destroy_group()
-        torch.nn.functional.linear = linear
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
