@@ -328,7 +328,7 @@ class Ranker:
         b = cfg.batching
         self.batching = b.enabled
         self._batched.set_max_batch_size(b.max_batch_size or self.limits.max_batch_requests)
-        self._wait = BusyWait(b.batch_wait_timeout_s, threshold=1.25 if b.adaptive_wait else 0.0)
+        self._wait = BusyWait(b.batch_wait_timeout_s, threshold=BusyWait.threshold if b.adaptive_wait else 0.0)
         self._batched.set_batch_wait_timeout_s(self._wait.wait_s)
         await self._reload(spec, force=False)
 

@@ -412,7 +412,6 @@ def run_jobs(work: Sequence[tuple[ModelHandle, Job]]) -> list[dict[str, Any]]:
     return out  # type: ignore[return-value]
 
 
-
 @dataclass
 class BusyWait:
     """How long the next batch waits for more requests: `max_wait_s` while recent batches held
