@@ -27,13 +27,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--space", required=True, help="search space YAML, e.g. tune_spaces/loss_weights.yaml")
     parser.add_argument("--config", help="base training config (default: the built-in embedded default)")
     parser.add_argument("--name", help="sweep name (default: the space's name); names folders and runs")
+    parser.add_argument("--seeds", help="comma-separated seeds replacing the space's, e.g. 1,2: part of a grid "
+                        "as its own sweep (give it its own --name)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep of this name")
     parser.add_argument("overrides", nargs="*", help="section.key=value for every trial, e.g. train.max_steps=50")
     args = parser.parse_args(argv)
     try:
-        from karma.tune import load_space, run_sweep, sweep_config
+        from karma.tune import load_space, parse_seeds, run_sweep, sweep_config
 
-        space = load_space(args.space, args.name)
+        space = load_space(args.space, args.name, parse_seeds(args.seeds) if args.seeds else None)
         cfg = sweep_config(args.config, args.overrides, space)
         result = run_sweep(space, cfg, resume=args.resume)
     except ConfigError as err:

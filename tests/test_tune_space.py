@@ -11,8 +11,8 @@ import yaml
 
 from conftest import ROOT
 from karma.config import ConfigError, load_config
-from karma.tune import (ARM, SpaceError, ZeroOrLogUniform, check_space, concurrency, load_space,
-                        param_space, parse_space, sweep_config, trial_values)
+from karma.tune import (ARM, SpaceError, ZeroOrLogUniform, check_space, concurrency, expected_trials, load_space,
+                        param_space, parse_seeds, parse_space, sweep_config, trial_values)
 
 BASE = {"name": "s", "metric": "NDCG@10", "mode": "max", "params": {"loss.w_gen": {"uniform": [0.0, 1.0]}}}
 
@@ -50,6 +50,15 @@ def test_ablation_space_names_the_four_arms():
     assert len(sp.seeds) >= 2 and sp.scheduler is None
     ps = param_space(sp)
     assert ps[ARM] == {"grid_search": list(sp.arms)} and ps["train.seed"] == {"grid_search": sp.seeds}
+
+
+def test_part_of_a_grid_as_its_own_sweep():
+    sp = load_space(ROOT / "tune_spaces" / "ablation.yaml", name="ablation-s12", seeds=parse_seeds("1, 2"))
+    assert sp.name == "ablation-s12" and sp.seeds == [1, 2] and expected_trials(sp) == 4 * 2
+    assert sp.digest() != load_space(ROOT / "tune_spaces" / "ablation.yaml").digest()  # no resume across them
+    for bad in ("", "1,x", " , "):
+        with pytest.raises(SpaceError, match="--seeds: expected comma-separated integers"):
+            parse_seeds(bad)
 
 
 @pytest.mark.parametrize("changes, needle", [

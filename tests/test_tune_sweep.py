@@ -106,8 +106,9 @@ def test_ablation_report_renders_table_and_plot(arms_sweep, tmp_path):
     rows = [line for line in lines if line.startswith("| action-only") or line.startswith("| KARMA")]
     assert [row.split("|")[1].strip() for row in rows] == ["action-only", "KARMA"]  # the space's order
     assert all(row.split("|")[2].strip() == "2" for row in rows)  # two seeds each
-    # The cell is the mean ± sample std of the two seeds' final metric.
-    hr = [t.metrics["HR@10"] for t in arms_sweep.trials if t.params["arm"] == "KARMA"]
+    # The cell is the mean ± sample std of the two seeds' test metric (every trial reported test/...).
+    assert "test split" in lines[0]
+    hr = [t.metrics["test/HR@10"] for t in arms_sweep.trials if t.params["arm"] == "KARMA"]
     cell = rows[1].split("|")[header.split("|").index(" HR@10 ")].strip()
     mean, std = (float(x) for x in cell.split("±"))
     assert mean == pytest.approx(sum(hr) / 2, abs=1e-4)

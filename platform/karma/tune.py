@@ -216,8 +216,20 @@ def parse_space(raw: Any, source: str = "<space>") -> Space:
                  time_budget_s=float(tb) if tb is not None else None, champion_alias=alias, source=source)
 
 
-def load_space(path: str | Path, name: str | None = None) -> Space:
-    """Read and check a space file; `name` replaces the file's sweep name (a second sweep)."""
+def parse_seeds(text: str) -> list[int]:
+    """A command line's "1,2" -> [1, 2] (the seeds of one part of a grid)."""
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds:
+        raise SpaceError(f"--seeds: expected comma-separated integers like 1,2, got {text!r}")
+    return seeds
+
+
+def load_space(path: str | Path, name: str | None = None, seeds: list[int] | None = None) -> Space:
+    """Read and check a space file; `name` replaces the file's sweep name (a second sweep) and
+    `seeds` its seeds (one part of a grid as its own sweep, e.g. where a GPU is lent in slots)."""
     path = Path(path)
     if not path.is_file():
         raise SpaceError(f"space file {path} does not exist; see tune_spaces/ for examples")
@@ -227,6 +239,8 @@ def load_space(path: str | Path, name: str | None = None) -> Space:
         raise SpaceError(f"space file {path} is not valid YAML: {err}") from err
     if name is not None and isinstance(raw, dict):
         raw = {**raw, "name": name}
+    if seeds is not None and isinstance(raw, dict):
+        raw = {**raw, "seeds": list(seeds)}
     return parse_space(raw, str(path))
 
 
@@ -668,6 +682,7 @@ def run_sweep(space: Space, cfg: Config, resume: bool = False, log: Callable[[st
 
 # Besides HR@K / NDCG@K: MRR, the long-tail breakdown (targets with few training interactions),
 # sink rate, read-out collapse, embedding health and fidelity. A metric no trial reported is left out.
+TEST_PREFIX = "test/"  # the worker's metrics of the test split, after the last epoch
 REPORT_METRICS = ("MRR", "tail/HR@10", "tail/NDCG@10", "tail/MRR", "sink_rate_first", "sink_rate_item", "barcode",
                   "effective_rank", "token_f1", "category_match")
 
@@ -682,15 +697,24 @@ def arm_label(trial: TrialSummary, space: Space) -> str:
     return ", ".join(parts) or "all"
 
 
+def report_split(trials: list[TrialSummary]) -> str:
+    """"test" when every completed trial reported the held-out test split (`test/...`, written
+    after the last epoch), else "valid" (the last epoch's validation metrics)."""
+    done = [t for t in trials if t.complete]
+    return "test" if done and all(TEST_PREFIX + "HR@10" in t.metrics for t in done) else "valid"
+
+
 def arms_table(trials: list[TrialSummary], space: Space, ks: list[int]) -> pd.DataFrame:
-    """Long table [arm, metric, mean, std, n] over the completed trials (seeds pooled)."""
+    """Long table [arm, metric, mean, std, n] over the completed trials (seeds pooled), of the
+    test split where every trial has it (see `report_split`)."""
     metrics = [f"HR@{k}" for k in ks] + [f"NDCG@{k}" for k in ks] + list(REPORT_METRICS)
+    prefix = TEST_PREFIX if report_split(trials) == "test" else ""
     rows = []
     for t in trials:
         if not t.complete:
             continue
         for m in metrics:
-            v = t.metrics.get(m)
+            v = t.metrics.get(prefix + m)
             if isinstance(v, (int, float)) and math.isfinite(v):
                 rows.append({"arm": arm_label(t, space), "metric": m, "value": float(v)})
     if not rows:
@@ -743,7 +767,8 @@ def report_sweep(path: str | Path, out_dir: str | Path | None = None) -> SweepRe
     trials = summarize(path)
     table = arms_table(trials, space, cfg.train.ks)
     failed = [t for t in trials if t.status == "ERROR"]
-    md = f"## Sweep {space.name}: mean ± std over seeds\n\n{markdown_table(table)}\n"
+    split = "test split" if report_split(trials) == "test" else "validation split (no trial reported test/...)"
+    md = f"## Sweep {space.name}: mean ± std over seeds, {split}\n\n{markdown_table(table)}\n"
     if failed:
         md += "\nFailed trials: " + "; ".join(f"{t.trial_id} ({t.error})" for t in failed) + "\n"
     stopped = [t.trial_id for t in trials if t.status == "TERMINATED" and not t.complete]

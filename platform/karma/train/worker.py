@@ -146,6 +146,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if tracker is not None:
             tracker.log_metrics({f"valid/{k}": v for k, v in metrics.items()}, step=state["step"])
         last = state["step"] >= total
+        if last:  # the held-out test split, once, after the last epoch: the numbers papers report
+            test = _evaluate(engine, pd.read_parquet(data_dir / "test.parquet"), items, tok, cfg, device, rank,
+                             world, counts)
+            log(f"test HR@10={test['HR@10']:.4f} NDCG@10={test['NDCG@10']:.4f}")
+            test = {f"test/{k}": v for k, v in test.items()}
+            if tracker is not None:
+                tracker.log_metrics(test, step=state["step"])
+            metrics.update(test)
         with tempfile.TemporaryDirectory() as tmp:
             _save_checkpoint(engine, sampler, state, rank, tmp)
             if last:  # on every rank: gathering ZeRO-3 weights and running the model are collectives
@@ -154,7 +162,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
 
 def _evaluate(engine, valid, items, tok, cfg: Config, device, rank: int, world: int, counts=None) -> dict:
-    """Full-corpus HR@K / NDCG@K (faiss) and MRR on rank 0, the analyses on every worker;
+    """Full-corpus HR@K / NDCG@K and MRR (exact ranks) on rank 0, the analyses on every worker;
     rank 0's numbers are broadcast so every worker reports the same metrics."""
     z = distributed_interests(engine, valid, tok, cfg, device, rank, world)
     metrics: dict = {}
