@@ -1,4 +1,5 @@
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -152,17 +153,21 @@ def test_save_load_roundtrip(tmp_path, data):
         np.testing.assert_array_equal(a[0], b[0])
 
 
-def test_evaluate_retrieval_faiss_matches_exact(data):
+def test_evaluate_retrieval_exact_and_through_a_faiss_index(data, monkeypatch):
     items, _, qh, ex = data
     t = torch.arange(40) * 11
     ex = ex.clone()
     ex[0, 0] = t[0]  # a target inside its own history stays rankable
-    out = evaluate_retrieval(qh, items, t, ks=(1, 10, 50), exclude=ex)
     ex_clean = ex.masked_fill(ex == t[:, None], -1)
     ref = ranking_report(exact_ranks(qh, items, t, ex_clean), ks=(1, 10, 50))
-    assert out["n_queries"] == 40
-    for key, v in ref.items():
-        assert out[key] == pytest.approx(v, abs=1e-12), key
+    flat = ItemIndex(items.numpy(), kind="flat", use_gpu=False)
+    through_index = evaluate_retrieval(qh, items, t, ks=(1, 10, 50), exclude=ex, index=flat)
+    monkeypatch.setitem(sys.modules, "faiss", None)  # a host without faiss (e.g. a bare GPU box)
+    exact = evaluate_retrieval(qh, items, t, ks=(1, 10, 50), exclude=ex)
+    for out in (exact, through_index):
+        assert out["n_queries"] == 40
+        for key, v in ref.items():
+            assert out[key] == pytest.approx(v, abs=1e-12), key
     # targets chosen as each user's best item give perfect scores
     best = exact_topk(qh, items, 1)[1][:, 0]
     perfect = evaluate_retrieval(qh.numpy(), items.numpy(), best.numpy(), ks=(1, 10))
@@ -250,4 +255,4 @@ def test_fast_path_arguments():
         exact_topk(torch.zeros(1, 4), items, 1, block=-1)
     from karma.retrieval import _defaults
 
-    assert _defaults(torch.device("cuda")) == (262_144, 4096) and _defaults(torch.device("cpu")) == (65_536, 0)
+    assert _defaults(torch.device("cuda")) == (1 << 20, 0) and _defaults(torch.device("cpu")) == (65_536, 0)

@@ -36,7 +36,7 @@ def interest_embeddings(model: KarmaModel, examples: pd.DataFrame, tok: Tokenize
 def retrieval_metrics(model: KarmaModel, examples: pd.DataFrame, tok: Tokenizer, max_history: int,
                       device, ks=(10, 50, 200), counts: np.ndarray | None = None,
                       tail_threshold: int = TAIL_THRESHOLD) -> dict[str, float]:
-    """HR@K / NDCG@K over the full item pool (faiss) and exact MRR; with the training
+    """HR@K / NDCG@K and MRR over the full item pool (exact ranks); with the training
     `counts` (`Prepared.counts`), also their long-tail breakdown (`tail/...`)."""
     z = interest_embeddings(model, examples, tok, max_history, device)
     with torch.no_grad():
