@@ -38,12 +38,18 @@ def test_job_trains_tracks_and_registers(trained):
     assert run.data.params["dist.zero_stage"] == "2" and run.data.params["dist.precision"] == "bf16"
     curve = client.get_metric_history(result.run_id, "valid/" + mlflow_key("HR@10"))
     assert [m.step for m in curve] == [steps_per_epoch, 2 * steps_per_epoch]
+    # the test split once, after the last epoch, with its long tail
+    assert 0 <= result.metrics["test/HR@10"] <= 1 and "test/tail/HR@10" in result.metrics
+    test_curve = client.get_metric_history(result.run_id, "test/" + mlflow_key("HR@10"))
+    assert [(m.step, m.value) for m in test_curve] == [(2 * steps_per_epoch, result.metrics["test/HR@10"])]
     assert client.get_metric_history(result.run_id, "train/loss_action")  # losses as they happen
     assert client.get_metric_history(result.run_id, "train/tokens_per_s")
     artifacts = {a.path for a in client.list_artifacts(result.run_id)} | {
         a.path for a in client.list_artifacts(result.run_id, "report")}
     assert {"config.json", "report/eval_report.json", "report/hr_at_k.png",
             "report/interest_attention.png"} <= artifacts
+    # the final checkpoint is Ray's persisted one, hard-linked (not a second copy on the same disk)
+    assert result.checkpoint_dir.name == "final" and (result.export_dir / "meta.json").stat().st_nlink == 2
     version = client.get_model_version_by_alias(cfg.tracking.experiment, cfg.tracking.alias)
     assert str(version.version) == result.model_version and version.run_id == result.run_id
 

@@ -5,6 +5,7 @@ run and registry. Called by jobs/train.py and, per trial, by the Tune sweep."""
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,8 +20,8 @@ from karma.train.worker import train_loop_per_worker
 
 @dataclass
 class TrainResult:
-    metrics: dict  # the last reported (validation) metrics
-    checkpoint_dir: Path | None  # local copy of the final checkpoint (holds export/ and report/)
+    metrics: dict  # the last report: validation metrics, and the test split's as test/...
+    checkpoint_dir: Path | None  # the final checkpoint on local disk (holds export/ and report/)
     export_dir: Path | None
     run_id: str | None  # MLflow run
     model_version: str | None  # registered model version
@@ -136,6 +137,22 @@ def storage_root(cfg: Config) -> Path:
     return Path(root).resolve()
 
 
+def materialize(checkpoint, target: Path) -> Path:
+    """The checkpoint's files at `target`: hard links where Ray persisted it on this machine's disk
+    (a DeepSpeed checkpoint with optimizer states is GBs; a copy would double it), else a download."""
+    import pyarrow.fs
+
+    src = Path(checkpoint.path)
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem) and src.is_dir():
+        shutil.rmtree(target, ignore_errors=True)
+        try:
+            shutil.copytree(src, target, copy_function=os.link)
+            return target
+        except OSError:  # another file system: fall through to a copy
+            shutil.rmtree(target, ignore_errors=True)
+    return Path(checkpoint.to_directory(str(target)))
+
+
 def run_training(cfg: Config, log=print, parent_run_id: str | None = None,
                  callbacks: list | None = None) -> TrainResult:
     """The whole training job: Ray Train fit, MLflow run, export registration."""
@@ -155,7 +172,7 @@ def run_training(cfg: Config, log=print, parent_run_id: str | None = None,
         metrics = dict(result.metrics or {})
         ckpt_dir = export_dir = version = None
         if result.checkpoint is not None:
-            ckpt_dir = Path(result.checkpoint.to_directory(str(run_root / "final")))
+            ckpt_dir = materialize(result.checkpoint, run_root / "final")
             if (ckpt_dir / "report").is_dir():
                 for f in sorted((ckpt_dir / "report").iterdir()):
                     tracker.log_artifact(f, "report")
