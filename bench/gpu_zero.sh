@@ -6,9 +6,7 @@
 #   bash bench/gpu_zero.sh
 set -uo pipefail
 out=${OUT:-bench/results}
-mkdir -p "$out"
-bash .gpu/bin/install.sh .gpu > "$out/gpu_install.log" 2>&1 || { tail -20 "$out/gpu_install.log"; exit 1; }
-export PYTHONPATH=/tmp/site:$PWD/platform TORCH_CUDA_ARCH_LIST=9.0 RAY_AUTH_MODE=disabled
+source bench/gpu_install.sh
 shape=(--backbone-shape qwen0.5b --batch 128 --history 50 --text-tokens 32 --steps 10 --warmup 3)
 echo "== ZeRO and compile switches"
 timeout 540 python bench/train_throughput.py "${shape[@]}" --modes deepspeed --zero 2 \

