@@ -5,7 +5,7 @@ collect a finished (or cut-short) sweep into one JSON, and print its tables for 
     python bench/ablation_smollm2.py collect runs/tune/ablation --out bench/results/ablation_smollm2.json \
         --img docs/img --command "..."
     # anywhere:
-    python bench/ablation_smollm2.py table [--json bench/results/ablation_smollm2.json]
+    python bench/ablation_smollm2.py table [--json PART.json ...]   # parts of one grid are merged
 
 `collect` keeps every trial's numeric metrics (the validation split of the last epoch, and the
 test split as `test/...`), its arm, seed and status, and copies seed 0's interest-attention
@@ -77,6 +77,22 @@ def collect(sweep: Path, out: Path, img: Path | None, command: str) -> dict:
     return result
 
 
+def merge(results: list[dict]) -> dict:
+    """Parts of one grid (sweeps of the same space run with different --seeds) as one result; a
+    completed trial of an arm and seed replaces one that did not complete (a part cut short)."""
+    first = results[0]
+    for r in results[1:]:
+        if r["space"]["arms"] != first["space"]["arms"]:
+            raise SystemExit("--json files are not parts of one grid: their arms differ")
+    trials: dict = {}
+    for t in (t for r in results for t in r["trials"]):
+        key = (t["arm"], t["seed"])
+        if key not in trials or (t["complete"] and not trials[key]["complete"]):
+            trials[key] = t
+    seeds = sorted({s for r in results for s in r["space"]["seeds"]})
+    return {**first, "space": {**first["space"], "seeds": seeds}, "trials": list(trials.values())}
+
+
 def summaries(result: dict) -> list[TrialSummary]:
     return [TrialSummary(t["trial_id"], t["status"], {ARM: t["arm"], "train.seed": t["seed"]}, t["metrics"],
                          t["complete"], None, None, t["error"]) for t in result["trials"]]
@@ -124,13 +140,13 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--out", type=Path, default=DEFAULT_JSON)
     c.add_argument("--img", type=Path, help="folder for seed 0's heat-map of each arm")
     c.add_argument("--command", default="", help="the command that ran the sweep, recorded in the JSON")
-    t = sub.add_parser("table", help="Markdown tables of a collected JSON")
-    t.add_argument("--json", type=Path, default=DEFAULT_JSON)
+    t = sub.add_parser("table", help="Markdown tables of collected JSON (several: parts of one grid, merged)")
+    t.add_argument("--json", type=Path, action="append", help=f"repeatable; default {DEFAULT_JSON.name}")
     args = parser.parse_args(argv)
     if args.cmd == "collect":
         collect(args.sweep, args.out, args.img, args.command)
     else:
-        print(table(json.loads(args.json.read_text())))
+        print(table(merge([json.loads(p.read_text()) for p in args.json or [DEFAULT_JSON]])))
     return 0
 
 
