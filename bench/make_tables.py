@@ -14,6 +14,8 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 OUT = ROOT / "BENCHMARKS.md"
@@ -46,6 +48,8 @@ def kind_of(rel: str, r: dict) -> str:
         return "sasrec"
     if "after" in r and "popularity" in r:
         return "training_run"
+    if "trials" in r and "space" in r:
+        return "ablation_sweep"
     return "other"
 
 
@@ -183,13 +187,34 @@ def run_section(files: list[tuple[str, dict]]) -> list[str]:
             "the file itself states.", ""] + table(header, rows) + [""]
 
 
+def ablation_section(files: list[tuple[str, dict]]) -> list[str]:
+    """Per arm of a collected Tune ablation (bench/ablation_smollm2.py): test split, mean ± sample
+    std over the seeds whose trial completed."""
+    rows = []
+    for rel, r in files:
+        epochs = r.get("config", {}).get("train", {}).get("epochs")
+        for arm in r["space"]["arms"]:
+            done = [t["metrics"] for t in r["trials"] if t["arm"] == arm and t["complete"]]
+            cells = []
+            for m in ("HR@10", "NDCG@10", "HR@200", "MRR"):
+                v = np.array([d["test/" + m] for d in done if "test/" + m in d])
+                cells.append(f"{v.mean():.4f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.4f}" if len(v) else "-")
+            rows.append([code(rel), device_of(r), fmt(epochs), arm,
+                         f"{len(done)} of {len(r['space']['seeds'])}"] + cells)
+    header = ["file", "device", "epochs", "arm", "seeds done", "test HR@10", "test NDCG@10", "test HR@200", "test MRR"]
+    note = ("`bench/ablation_smollm2.py collect` of a `tune_spaces/ablation.yaml` sweep: test split, mean ± sample "
+            "std over the seeds that completed (± 0 with one seed). Full tables: docs/RESULTS.md.")
+    return ["## KARMA ablation sweeps, Amazon Scientific", "", note, ""] + table(header, rows) + [""]
+
+
 def other_section(files: list[tuple[str, dict]]) -> list[str]:
     rows = [[code(rel), device_of(r), ", ".join(sorted(r)[:8])] for rel, r in files]
     return ["## Other results", ""] + table(["file", "device", "fields"], rows) + [""]
 
 
 SECTIONS = (("train_throughput", train_section), ("retrieval", retrieval_section), ("serve_load", serve_section),
-            ("sasrec", sasrec_section), ("training_run", run_section), ("other", other_section))
+            ("sasrec", sasrec_section), ("training_run", run_section),
+            ("ablation_sweep", ablation_section), ("other", other_section))
 
 
 def render(results: Path = RESULTS) -> str:

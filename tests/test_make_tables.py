@@ -49,3 +49,23 @@ def test_kinds_and_rows_of_new_format_files(tmp_path):
     assert "error: RuntimeError: boom" in text
     assert "| b4096 | float16 | 4,096 | 262,144 | 4,096 | 100,000 |" in text
     assert "mystery.json" in text and "| not recorded |" in text
+
+
+def test_ablation_sweep_rows_average_completed_seeds_of_the_test_split(tmp_path):
+    mt = _module()
+    res = tmp_path / "results"
+    res.mkdir()
+
+    def trial(arm, seed, hr, complete=True):
+        metrics = {"HR@10": 0.9, "test/HR@10": hr, "test/NDCG@10": hr / 2} if complete else {}
+        return {"arm": arm, "seed": seed, "complete": complete, "metrics": metrics}
+
+    (res / "ablation_x.json").write_text(json.dumps({
+        "device": "NVIDIA H100", "config": {"train": {"epochs": 1}},
+        "space": {"arms": {"action-only": {}, "KARMA": {}}, "seeds": [0, 1, 2]},
+        "trials": [trial("action-only", 0, 0.1), trial("action-only", 1, 0.3), trial("KARMA", 0, 0.2),
+                   trial("KARMA", 1, 0.0, complete=False)]}))
+    text = mt.render(res)
+    # valid HR@10 (0.9) is never shown; the pending trial is not averaged in
+    assert "| 1 | action-only | 2 of 3 | 0.2000 ± 0.1414 | 0.1000 ± 0.0707 | - | - |" in text
+    assert "| 1 | KARMA | 1 of 3 | 0.2000 ± 0.0000 | 0.1000 ± 0.0000 | - | - |" in text
