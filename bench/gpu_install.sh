@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sourced by the bench/gpu*.sh scripts on an offline GPU host prepared as ../shared/gpu/README.md
 # says: installs the Ray/DeepSpeed wheelhouse (.gpu) into /tmp/site once per host, plus the MLflow
-# wheelhouse (.gpu-m, what jobs/tune.py and jobs/report.py need) when it travelled, and sets the
+# wheelhouse (.gpu-m from bench/gpu_mlflow_wheels.sh, what jobs/tune.py and jobs/report.py need)
+# when it is there, and sets the
 # environment every run there needs. Logs to $out/gpu_install.log.
 out=${OUT:-bench/results}
 mkdir -p "$out"
