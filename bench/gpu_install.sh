@@ -2,8 +2,7 @@
 # Sourced by the bench/gpu*.sh scripts on an offline GPU host prepared as ../shared/gpu/README.md
 # says: installs the Ray/DeepSpeed wheelhouse (.gpu) into /tmp/site once per host, plus the MLflow
 # wheelhouse (.gpu-m from bench/gpu_mlflow_wheels.sh, what jobs/tune.py and jobs/report.py need)
-# when it is there, and sets the
-# environment every run there needs. Logs to $out/gpu_install.log.
+# when it is there, and sets the environment every run there needs. Logs to $out/gpu_install.log.
 out=${OUT:-bench/results}
 mkdir -p "$out"
 export PYTHONPATH=/tmp/site:$PWD/platform TORCH_CUDA_ARCH_LIST=9.0 RAY_AUTH_MODE=disabled PYTHONUNBUFFERED=1
