@@ -8,8 +8,8 @@ collect a finished (or cut-short) sweep into one JSON, and print its tables for 
     python bench/ablation_smollm2.py table [--json PART.json ...]   # parts of one grid are merged
 
 `collect` keeps every trial's numeric metrics (the validation split of the last epoch, and the
-test split as `test/...`), its arm, seed and status, and copies seed 0's interest-attention
-heat-map of each arm. `table` prints mean ± sample std over seeds per arm (test split), and each
+test split as `test/...`), its arm, seed and status, and copies the interest-attention heat-map
+of each arm's first seed. `table` prints mean ± sample std over seeds per arm (test split), and each
 arm's per-seed difference from action-only.
 """
 
@@ -40,8 +40,8 @@ SECTIONS = (
 PAIRED = ("HR@10", "NDCG@10", "sink_rate_first", "effective_rank")
 
 
-def heatmap_name(arm: str) -> str:
-    return "ablation_smollm2_" + "".join(c if c.isalnum() else "-" for c in arm.lower()).strip("-") + "_seed0.png"
+def heatmap_name(arm: str, seed: int) -> str:
+    return "ablation_smollm2_" + "".join(c if c.isalnum() else "-" for c in arm.lower()).strip("-") + f"_seed{seed}.png"
 
 
 def collect(sweep: Path, out: Path, img: Path | None, command: str) -> dict:
@@ -60,7 +60,7 @@ def collect(sweep: Path, out: Path, img: Path | None, command: str) -> dict:
         heat = storage / trial_run_name(space.name, t.trial_id) / "final" / "report" / "interest_attention.png"
         if img is not None and seed == space.seeds[0] and heat.is_file():
             img.mkdir(parents=True, exist_ok=True)
-            shutil.copy(heat, img / heatmap_name(str(arm)))
+            shutil.copy(heat, img / heatmap_name(str(arm), seed))
     result = {
         "command": command,
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.machine()})",
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("collect", help="a sweep folder -> one JSON (+ heat-maps)")
     c.add_argument("sweep", type=Path)
     c.add_argument("--out", type=Path, default=DEFAULT_JSON)
-    c.add_argument("--img", type=Path, help="folder for seed 0's heat-map of each arm")
+    c.add_argument("--img", type=Path, help="folder for the heat-map of each arm's first seed")
     c.add_argument("--command", default="", help="the command that ran the sweep, recorded in the JSON")
     t = sub.add_parser("table", help="Markdown tables of collected JSON (several: parts of one grid, merged)")
     t.add_argument("--json", type=Path, action="append", help=f"repeatable; default {DEFAULT_JSON.name}")
