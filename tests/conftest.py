@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -18,6 +19,15 @@ from karma.config import load_config  # noqa: E402
 def cache_dir(tmp_path_factory) -> str:
     """One text-embedding cache for the whole test session (MiniLM runs once per item set)."""
     return str(tmp_path_factory.mktemp("karma-cache"))
+
+
+def load_script(rel: str):
+    """A bench/ or jobs/ script (not a package) imported as a module, by its path under the root."""
+    path = ROOT / rel
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def tiny_cfg(cache_dir: str, *overrides: str):

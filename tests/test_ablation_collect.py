@@ -1,18 +1,11 @@
 """bench/ablation_smollm2.py's tables: test-split means per arm and parts of one grid merged."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_script
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("ablation_smollm2", ROOT / "bench" / "ablation_smollm2.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench/ablation_smollm2.py")
 
 
 def part(seeds, hr: dict, pending=()):

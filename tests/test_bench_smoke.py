@@ -1,11 +1,11 @@
 """The training-throughput benchmark runs end to end on a microscopic shape (no timing claims)."""
 
-import importlib.util
 import json
 import os
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "train_throughput.py"
 MICRO = ["--backbone-shape", "custom", "--hidden", "16", "--layers", "1", "--heads", "2", "--kv-heads", "1",
@@ -16,10 +16,7 @@ MICRO = ["--backbone-shape", "custom", "--hidden", "16", "--layers", "1", "--hea
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("train_throughput", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench/train_throughput.py")
 
 
 def test_plain_and_deepspeed_report_positive_numbers(bench, tmp_path):

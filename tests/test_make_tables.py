@@ -1,17 +1,12 @@
 """bench/make_tables.py renders BENCHMARKS.md from the committed JSON: every file gets a row."""
 
-import importlib.util
 import json
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT, load_script
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("make_tables", ROOT / "bench" / "make_tables.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench/make_tables.py")
 
 
 def test_every_committed_result_has_a_row(tmp_path):

@@ -2,14 +2,13 @@
 its results carry the long-tail breakdown and the test split's semantic analyses, and the job
 writes them as JSON next to an attention heat-map."""
 
-import importlib.util
 import json
 import sys
 
 import numpy as np
 from matplotlib.image import imread
 
-from conftest import ROOT, tiny_cfg
+from conftest import ROOT, load_script, tiny_cfg
 from karma.train.plain import train_plain
 
 ANALYSES = {"sink_rate_first", "sink_rate_first_uniform", "sink_rate_item", "top1_share", "entropy", "barcode",
@@ -36,10 +35,7 @@ def test_plain_loop_beats_popularity(cache_dir):
 
 def load_job():
     sys.path.insert(0, str(ROOT / "jobs"))
-    spec = importlib.util.spec_from_file_location("train_plain_job", ROOT / "jobs" / "train_plain.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("jobs/train_plain.py")
 
 
 def test_job_writes_metrics_analyses_and_heatmap(cache_dir, tmp_path):
