@@ -87,7 +87,7 @@ def _defaults(device: torch.device) -> tuple[int, int]:
     """(chunk_size, block) for exact_topk. A GPU scores 2^20 items per chunk with one-stage
     selection: on an H100 (1M x 128 fp16 items, top-200, batches of 4,096) that ran 110k
     queries/s against 83k for 262,144-item chunks with the two-stage select and 96k with
-    8,192-item blocks (bench/results/retrieval_cuda_1m_variants.json). A CPU keeps small chunks."""
+    8,192-item blocks (bench/results/retrieval_cuda_1m_variants_h100.json). A CPU keeps small chunks."""
     return (1 << 20, 0) if device.type == "cuda" else (65_536, 0)
 
 

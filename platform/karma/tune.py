@@ -229,7 +229,7 @@ def parse_seeds(text: str) -> list[int]:
 
 def load_space(path: str | Path, name: str | None = None, seeds: list[int] | None = None) -> Space:
     """Read and check a space file; `name` replaces the file's sweep name (a second sweep) and
-    `seeds` its seeds (one part of a grid as its own sweep, e.g. where a GPU is lent in slots)."""
+    `seeds` its seeds (one part of a grid as its own sweep, e.g. when GPU time comes in slots)."""
     path = Path(path)
     if not path.is_file():
         raise SpaceError(f"space file {path} does not exist; see tune_spaces/ for examples")
