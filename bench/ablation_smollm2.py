@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT / "platform"))
 
 from karma.tune import (ARM, TEST_PREFIX, Space, TrialSummary, arms_table, markdown_table,  # noqa: E402
                         read_manifest, summarize, trial_run_name)
+from karma.train.ray_job import final_checkpoint_dir  # noqa: E402
 
 DEFAULT_JSON = ROOT / "bench" / "results" / "ablation_smollm2.json"
 SECTIONS = (
@@ -57,7 +58,7 @@ def collect(sweep: Path, out: Path, img: Path | None, command: str) -> dict:
         arm, seed = t.params.get(ARM), t.params.get("train.seed")
         trials.append({"trial_id": t.trial_id, "status": t.status, "complete": t.complete, "arm": arm,
                        "seed": seed, "error": t.error, "metrics": metrics})
-        heat = storage / trial_run_name(space.name, t.trial_id) / "final" / "report" / "interest_attention.png"
+        heat = final_checkpoint_dir(storage, trial_run_name(space.name, t.trial_id)) / "report" / "interest_attention.png"
         if img is not None and seed == space.seeds[0] and heat.is_file():
             img.mkdir(parents=True, exist_ok=True)
             shutil.copy(heat, img / heatmap_name(str(arm), seed))

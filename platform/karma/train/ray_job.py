@@ -137,6 +137,11 @@ def storage_root(cfg: Config) -> Path:
     return Path(root).resolve()
 
 
+def final_checkpoint_dir(root: Path, run_name: str) -> Path:
+    """Where a finished job's last checkpoint lies (holds export/ and report/), under the storage root."""
+    return root / run_name / "final"
+
+
 def materialize(checkpoint, target: Path) -> Path:
     """The checkpoint's files at `target`: hard links where Ray persisted it on this machine's disk
     (a DeepSpeed checkpoint with optimizer states is GBs; a copy would double it), else a download."""
@@ -172,7 +177,7 @@ def run_training(cfg: Config, log=print, parent_run_id: str | None = None,
         metrics = dict(result.metrics or {})
         ckpt_dir = export_dir = version = None
         if result.checkpoint is not None:
-            ckpt_dir = materialize(result.checkpoint, run_root / "final")
+            ckpt_dir = materialize(result.checkpoint, final_checkpoint_dir(root, cfg.tracking.run_name))
             if (ckpt_dir / "report").is_dir():
                 for f in sorted((ckpt_dir / "report").iterdir()):
                     tracker.log_artifact(f, "report")
