@@ -32,6 +32,7 @@ def test_overrides_parse_types():
     (["train.batch_size=abc"], "train.batch_size: expected an integer"),
     (["train.batch_size=1"], "train.batch_size: must be at least 2"),
     (["dist.precision=fp8"], "dist.precision: 'fp8' is not allowed"),
+    (["loss.negatives=full"], "loss.negatives: 'full' is not allowed; choose one of ['sampled', 'all']"),
     (["model.n_interest=0"], "model.n_interest: must be at least 1"),
     (["loss.w_gen=-1"], "loss.w_gen / loss.w_rec"),
     (["data.source=recbole"], "data.path: required"),

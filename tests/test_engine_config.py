@@ -62,17 +62,19 @@ def test_bad_switches_name_the_key(overrides, needle):
     assert needle in str(err.value)
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_engine_step_checkpoint_and_reload(items, cache_dir, tmp_path, stage):
+@pytest.mark.parametrize("stage, negatives", [(2, "sampled"), (3, "all")])
+def test_engine_step_checkpoint_and_reload(items, cache_dir, tmp_path, stage, negatives):
     """Weights and DeepSpeed checkpoints keep their keys (prompt ids are not persistent
-    buffers); a reloaded engine gives the same loss; the sampler state round-trips."""
+    buffers); a reloaded engine gives the same loss; the sampler state round-trips. The full
+    softmax runs under ZeRO-3, where the item table's weights are partitioned."""
     pytest.importorskip("deepspeed")
     from karma.data import collate
     from karma.factory import build_model
     from karma.step import NegativeSampler, karma_losses, prepare_batch
     from karma.train.engine import gather_targets, make_engine, single_process_group
 
-    cfg = tiny_cfg(cache_dir, f"dist.zero_stage={stage}", "dist.precision=fp32", "train.batch_size=4")
+    cfg = tiny_cfg(cache_dir, f"dist.zero_stage={stage}", "dist.precision=fp32", "train.batch_size=4",
+                   f"loss.negatives={negatives}")
     rows = {"user_id": [0, 1, 2, 3], "history": [[0, 1, 2], [3, 4], [5, 6, 7, 8], [9]],
             "target": [3, 5, 9, 12], "query": [""] * 4, "shown": [[]] * 4}
 

@@ -97,6 +97,28 @@ def test_zero_weight_skips_branch(built, cache_dir, monkeypatch):
     assert float(parts["loss"]) == pytest.approx(float(parts["loss_action"]))
 
 
+@pytest.mark.parametrize("heads", [1, 4])
+def test_full_softmax_is_cross_entropy_over_every_item(built, cache_dir, heads):
+    model, tok = built[heads]
+    model.eval()
+    assert model.cfg.head_reduce == "max"  # the reduction the reference below uses
+    batch = make_batch(model, tok)
+    cfg = tiny_cfg(cache_dir, "loss.negatives=all", "loss.w_gen=0", "loss.w_rec=0")
+    sampler = NegativeSampler(np.ones(30), 8, seed=0)
+    state = sampler.state_dict()
+    with torch.no_grad():
+        _, parts = karma_losses(model, batch, cfg.loss, sampler)
+        z = model.interests(batch)["z"]  # [B,H,d]
+        scores = torch.einsum("bhd,nd->bhn", z, model.item_embeddings()).max(dim=1).values  # [B, 30]
+        want = torch.nn.functional.cross_entropy(scores / model.tau, batch["target"])
+    assert float(parts["loss_action"]) == pytest.approx(float(want), rel=1e-5)
+    assert torch.equal(sampler.state_dict()["gen"], state["gen"])  # nothing sampled
+    # sampled candidates see a subset of the items: a different (smaller) loss on the same batch
+    _, sampled = karma_losses(model, batch, tiny_cfg(cache_dir, "loss.n_negatives=4").loss,
+                              NegativeSampler(np.ones(30), 4, seed=0))
+    assert float(sampled["loss_action"]) != pytest.approx(float(want), rel=1e-3)
+
+
 def test_decode_fraction_limits_decoding_rows(built, cache_dir):
     model, tok = built[1]
     batch = make_batch(model, tok)

@@ -75,6 +75,11 @@ class LossConfig:
     w_rec: float = 0.5
     tau_init: float = 0.07
     learn_tau: bool = True
+    # Candidates of the action loss. "sampled": in-batch targets (gathered across workers) plus
+    # n_negatives popularity samples, with logQ correction; scales to any catalogue. "all": a full
+    # softmax over every item, exact and without sampling bias; each step then embeds the whole
+    # catalogue through the item tower, so keep it to catalogues of up to ~100k items.
+    negatives: Literal["sampled", "all"] = "sampled"
     n_negatives: int = 256  # popularity-sampled negatives per step (shared by the batch)
     logq_correction: bool = True
     decode_fraction: float = 1.0  # share of each batch that runs the decoding branches

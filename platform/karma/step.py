@@ -106,17 +106,23 @@ def karma_losses(model: KarmaModel, batch: dict, loss: LossConfig, sampler: Nega
     target = batch["target"]
     b = target.shape[0]
     n_dec = max(1, math.ceil(loss.decode_fraction * b))
-    # Candidates: every worker's targets (in-batch negatives), then popularity samples.
-    all_targets, offset = gather(target)
-    negs = sampler.sample().to(target.device) if sampler is not None else target.new_empty(0)
-    cand_ids = torch.cat([all_targets, negs])
+    if loss.negatives == "all":
+        # Full softmax: every item once, the target's row is its own id; nothing sampled, so no
+        # logQ and no duplicates to mask.
+        cand_ids = torch.arange(model.n_items, device=target.device)
+        pos, dup_ids, log_q = target, None, None
+    else:
+        # Candidates: every worker's targets (in-batch negatives), then popularity samples.
+        all_targets, offset = gather(target)
+        negs = sampler.sample().to(target.device) if sampler is not None else target.new_empty(0)
+        cand_ids = torch.cat([all_targets, negs])
+        pos, dup_ids = torch.arange(b, device=target.device) + offset, cand_ids
+        log_q = sampler.log_p.to(target.device)[cand_ids] if (sampler is not None and loss.logq_correction) else None
     # One forward call for every branch and the item tower: what compiling the model covers.
     out = model(batch, gen_rows=n_dec if loss.w_gen > 0 else None, rec_rows=n_dec if loss.w_rec > 0 else 0,
                 cand_ids=cand_ids)
-    z = out["z"]
-    log_q = sampler.log_p.to(target.device)[cand_ids] if (sampler is not None and loss.logq_correction) else None
-    pos = torch.arange(b, device=target.device) + offset
-    l_act = action_loss(z, out["cand"], pos, out["tau"], cand_ids=cand_ids, target_ids=target, log_q=log_q,
+    l_act = action_loss(out["z"], out["cand"], pos, out["tau"], cand_ids=dup_ids,
+                        target_ids=None if dup_ids is None else target, log_q=log_q,
                         reduce=model.cfg.head_reduce, mix_logits=out["mix_logits"])
 
     l_gen = l_rec = None
