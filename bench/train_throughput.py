@@ -368,7 +368,8 @@ def run_plain(spec: dict) -> dict:
     model = build_model(spec, cfg)
     model.train()
     cuda = dev == "cuda"
-    opt = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr, fused=cuda or None)
+    groups = param_groups(model, cfg.train.weight_decay, cfg.train.lr, cfg.train.new_lr_scale)
+    opt = torch.optim.AdamW(groups, lr=cfg.train.lr, fused=cuda or None)
     sched = make_scheduler(opt, cfg.train.warmup_steps, spec["warmup"] + spec["steps"])
     compiled = compile_model(model, cfg.dist)
     sampler = make_sampler(spec, cfg, dev)

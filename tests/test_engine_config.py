@@ -66,7 +66,8 @@ def test_bad_switches_name_the_key(overrides, needle):
 def test_engine_step_checkpoint_and_reload(items, cache_dir, tmp_path, stage, negatives):
     """Weights and DeepSpeed checkpoints keep their keys (prompt ids are not persistent
     buffers); a reloaded engine gives the same loss; the sampler state round-trips. The full
-    softmax runs under ZeRO-3, where the item table's weights are partitioned."""
+    softmax runs under ZeRO-3, where the item table's weights are partitioned; the backbone and
+    the parts KARMA adds keep their own learning rates under DeepSpeed's optimizer wrapper."""
     pytest.importorskip("deepspeed")
     from karma.data import collate
     from karma.factory import build_model
@@ -74,7 +75,7 @@ def test_engine_step_checkpoint_and_reload(items, cache_dir, tmp_path, stage, ne
     from karma.train.engine import gather_targets, make_engine, single_process_group
 
     cfg = tiny_cfg(cache_dir, f"dist.zero_stage={stage}", "dist.precision=fp32", "train.batch_size=4",
-                   f"loss.negatives={negatives}")
+                   f"loss.negatives={negatives}", "train.new_lr_scale=10")
     rows = {"user_id": [0, 1, 2, 3], "history": [[0, 1, 2], [3, 4], [5, 6, 7, 8], [9]],
             "target": [3, 5, 9, 12], "query": [""] * 4, "shown": [[]] * 4}
 
@@ -88,6 +89,8 @@ def test_engine_step_checkpoint_and_reload(items, cache_dir, tmp_path, stage, ne
     with single_process_group("cpu"):
         engine, batch = build()
         assert not any("prompt_ids" in k for k in engine.module.state_dict())
+        lrs = sorted({g["lr"] for g in engine.optimizer.param_groups})
+        assert len(lrs) == 2 and lrs[1] == pytest.approx(10 * lrs[0])
         sampler = NegativeSampler(np.ones(30), 8, seed=0, device=engine.device)
         loss, _ = karma_losses(engine.module, batch, cfg.loss, sampler, gather=gather_targets)
         engine.backward(loss)

@@ -96,6 +96,10 @@ class TrainConfig:
     epochs: int = 3
     max_steps: int = 0  # > 0 caps optimizer steps, whatever the epochs say
     lr: float = 1e-3
+    # lr multiplier for the parameters KARMA adds to the backbone (item tower, interest tokens,
+    # heads, temperature): >1 lets them learn fast while a pretrained LLM is fine-tuned gently.
+    # SASRec has no backbone: there it scales every parameter.
+    new_lr_scale: float = 1.0
     weight_decay: float = 0.01
     warmup_steps: int = 20
     grad_clip: float = 1.0
@@ -274,6 +278,7 @@ def _validate(cfg: Config) -> Config:
         need(v is None or v >= 0, f"dist.{key}: must be >= 0 elements, or null for the per-device default")
     need(cfg.train.batch_size >= 2, "train.batch_size: must be at least 2 (in-batch negatives)")
     need(cfg.train.lr > 0, "train.lr: must be > 0")
+    need(cfg.train.new_lr_scale > 0, "train.new_lr_scale: must be > 0 (1 = the backbone's lr)")
     need(cfg.train.epochs >= 1 or cfg.train.max_steps > 0, "train.epochs: must be >= 1 unless train.max_steps is set")
     need(cfg.train.grad_accum >= 1, "train.grad_accum: must be at least 1")
     need(len(cfg.train.ks) > 0 and all(k >= 1 for k in cfg.train.ks), "train.ks: give cut-offs >= 1, e.g. [10, 50, 200]")

@@ -7,15 +7,21 @@ import math
 import torch
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on biases, norms, embeddings and the temperature (1-d or lookup tables)."""
-    decay, no_decay = [], []
+def param_groups(model: torch.nn.Module, weight_decay: float, lr: float, new_lr_scale: float = 1.0) -> list[dict]:
+    """AdamW groups. No weight decay on biases, norms, embeddings and the temperature (1-d or
+    lookup tables). With new_lr_scale != 1 the parameters outside `model.backbone` (what KARMA
+    adds to the LLM: item tower, interest tokens, heads, temperature) train at lr * new_lr_scale:
+    a pretrained LLM wants a gentle learning rate, freshly initialised layers a larger one. At 1
+    the two groups are the ones checkpoints were always saved with."""
+    groups: dict[tuple[bool, bool], list] = {(False, False): [], (True, False): [], (False, True): [], (True, True): []}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         plain = p.ndim < 2 or "emb" in name or name.startswith("interest.")
-        (no_decay if plain else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        new = new_lr_scale != 1.0 and not name.startswith("backbone.")
+        groups[(plain, new)].append(p)
+    return [{"params": ps, "weight_decay": 0.0 if plain else weight_decay, "lr": lr * (new_lr_scale if new else 1.0)}
+            for (plain, new), ps in groups.items() if ps or not new]
 
 
 def warmup_cosine(step: int, warmup: int, total: int, floor: float = 0.1) -> float:

@@ -103,7 +103,8 @@ def make_engine(model: torch.nn.Module, cfg: Config, world_size: int, total_step
         base = model.backbone.get_base_model() if hasattr(model.backbone, "get_base_model") else model.backbone
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     fused = d.use_gpu and torch.cuda.is_available()
-    opt = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr, fused=fused or None)
+    groups = param_groups(model, cfg.train.weight_decay, cfg.train.lr, cfg.train.new_lr_scale)
+    opt = torch.optim.AdamW(groups, lr=cfg.train.lr, fused=fused or None)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: warmup_cosine(s, cfg.train.warmup_steps, total_steps))
     engine, opt, _, sched = deepspeed.initialize(

@@ -51,7 +51,8 @@ def train_plain(cfg: Config, log=print) -> dict:
     log(f"popularity baseline HR@10={result['popularity']['HR@10']:.4f}; "
         f"untrained HR@10={result['before']['HR@10']:.4f}")
 
-    opt = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr)
+    opt = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay, cfg.train.lr, cfg.train.new_lr_scale),
+                            lr=cfg.train.lr)
     steps = total_steps(cfg, len(prep.split.train))
     sched = make_scheduler(opt, cfg.train.warmup_steps, steps)
     sampler = NegativeSampler(prep.counts, cfg.loss.n_negatives, seed=cfg.train.seed, device=device)
