@@ -1,11 +1,17 @@
-"""The KARMA ablation grid with the tiny random backbone on CPU (the fallback when no GPU is at
-hand): 4 arms x 3 seeds, one epoch each, plain loop, Amazon Scientific. Runs the grid (unless
---summarize) and prints Markdown tables of test metrics (mean ± std over seeds): retrieval, its
-long-tail breakdown, the semantic analyses, and each arm's paired difference from action-only.
-Seed 0 of every arm also draws the interest token's attention for one fixed test user.
+"""Grids of tiny-backbone runs on CPU (the fallback when no GPU is at hand), plain loop, Amazon
+Scientific, 3 seeds per arm. Runs a grid (unless --summarize) and prints Markdown tables of test
+metrics (mean ± std over seeds): retrieval, its long-tail breakdown, the semantic analyses when
+measured, and each arm's paired difference from the grid's baseline arm.
 
-    python bench/ablation_cpu_tiny.py --data ../shared/data/amazon-scientific
-    python bench/ablation_cpu_tiny.py --summarize
+- `ablation`: the KARMA ablation, 4 arms (which decoding branches are on), one epoch each; seed 0
+  of every arm also draws the interest token's attention for one fixed test user.
+- `negatives`: the action loss's candidates (KARMA weights), 3 epochs each: 32 or 1,024
+  popularity-sampled negatives with logQ, or a full softmax over all items.
+- `lr`: SmolLM2's schedule (batch 128, lr 3e-4, 100 warm-up steps, 1,024 negatives, one epoch)
+  with the parts KARMA adds to the backbone at 1x, 10x or 30x that learning rate.
+
+    python bench/ablation_cpu_tiny.py --data ../shared/data/amazon-scientific [--grid negatives]
+    python bench/ablation_cpu_tiny.py --summarize [--grid negatives]
 """
 
 from __future__ import annotations
@@ -15,23 +21,58 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "bench" / "results" / "ablation_cpu_tiny"
+RESULTS = ROOT / "bench" / "results"
 IMG = Path("docs") / "img"  # heat-maps, relative to ROOT
-ARMS = {"action-only": (0.0, 0.0), "plus-generation": (0.5, 0.0), "plus-reconstruction": (0.0, 0.5),
-        "karma": (0.5, 0.5)}
 SEEDS = (0, 1, 2)
-ANALYSIS_EXAMPLES = 512  # test users for the semantic analyses
+
+
+@dataclass(frozen=True)
+class Grid:
+    folder: str  # under bench/results
+    arms: dict[str, tuple[str, ...]]  # name -> config overrides
+    baseline: str  # the arm the paired differences subtract
+    epochs: int
+    analysis_examples: int  # test users for the semantic analyses (0 = none)
+    extra: tuple[str, ...] = ()  # further overrides, before the seed
+    heatmaps: bool = False  # seed 0 of each arm draws its attention heat-map
+
+    @property
+    def out(self) -> Path:
+        return RESULTS / self.folder
+
+
+GRIDS = {
+    "ablation": Grid("ablation_cpu_tiny", {
+        "action-only": ("loss.w_gen=0.0", "loss.w_rec=0.0"),
+        "plus-generation": ("loss.w_gen=0.5", "loss.w_rec=0.0"),
+        "plus-reconstruction": ("loss.w_gen=0.0", "loss.w_rec=0.5"),
+        "karma": ("loss.w_gen=0.5", "loss.w_rec=0.5")},
+        baseline="action-only", epochs=1, analysis_examples=512, heatmaps=True),
+    "negatives": Grid("negatives_tiny", {
+        "sampled32": ("loss.negatives=sampled", "loss.n_negatives=32"),
+        "sampled1024": ("loss.negatives=sampled", "loss.n_negatives=1024"),
+        "all": ("loss.negatives=all",)},
+        baseline="sampled1024", epochs=3, analysis_examples=0, extra=("train.log_every=300",)),
+    "lr": Grid("lr_scale_tiny", {
+        "scale1": ("train.new_lr_scale=1",),
+        "scale10": ("train.new_lr_scale=10",),
+        "scale30": ("train.new_lr_scale=30",)},
+        baseline="scale1", epochs=1, analysis_examples=0,
+        extra=("train.batch_size=128", "train.lr=3e-4", "train.warmup_steps=100", "loss.n_negatives=1024",
+               "train.log_every=0")),
+}
 # (title, section of the result JSON, metrics)
 TABLES = (
     ("Retrieval (test)", "test", ("HR@10", "HR@50", "HR@200", "NDCG@10", "NDCG@50", "MRR")),
     ("Long-tail targets (test; fewer than 5 training interactions)", "test",
      ("tail/n_queries", "tail/HR@10", "tail/HR@50", "tail/HR@200", "tail/NDCG@200", "tail/MRR")),
-    (f"Semantic analyses (first {ANALYSIS_EXAMPLES} test users)", "analyses",
+    ("Semantic analyses (first {n} test users)", "analyses",
      ("sink_rate_first", "sink_rate_first_uniform", "sink_rate_item", "top1_share", "entropy", "barcode",
       "effective_rank", "mean_cosine", "token_f1", "category_match")),
 )
@@ -42,23 +83,23 @@ def heatmap_path(arm: str) -> Path:
     return IMG / f"ablation_tiny_{arm}_seed0.png"
 
 
-def run(data: str) -> None:
-    OUT.mkdir(parents=True, exist_ok=True)
+def run(grid: Grid, data: str) -> None:
+    grid.out.mkdir(parents=True, exist_ok=True)
     for seed in SEEDS:
-        for arm, (w_gen, w_rec) in ARMS.items():
-            heatmap = ["--heatmap", str(heatmap_path(arm))] if seed == 0 else []
+        for arm, overrides in grid.arms.items():
+            heatmap = ["--heatmap", str(heatmap_path(arm))] if grid.heatmaps and seed == 0 else []
             subprocess.run([sys.executable, "jobs/train_plain.py", "--config", "configs/tiny.yaml",
-                            "--out", str(OUT / f"{arm}-seed{seed}.json"), *heatmap, "data.source=recbole",
-                            f"data.path={data}", "data.max_history=50", "train.epochs=1",
-                            "train.eval_max_users=2000", f"train.analysis_examples={ANALYSIS_EXAMPLES}",
-                            f"train.seed={seed}", f"loss.w_gen={w_gen}", f"loss.w_rec={w_rec}"],
+                            "--out", str(grid.out / f"{arm}-seed{seed}.json"), *heatmap, "data.source=recbole",
+                            f"data.path={data}", "data.max_history=50", f"train.epochs={grid.epochs}",
+                            "train.eval_max_users=2000", f"train.analysis_examples={grid.analysis_examples}",
+                            *grid.extra, f"train.seed={seed}", *overrides],
                            cwd=ROOT, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-def load_runs() -> dict[str, list[dict]]:
+def load_runs(grid: Grid) -> dict[str, list[dict]]:
     """Each arm's result JSONs, with the seed from the file name."""
     return {arm: [{**json.loads(p.read_text()), "seed": int(p.stem.rsplit("seed", 1)[1])}
-                  for p in sorted(OUT.glob(f"{arm}-seed*.json"))] for arm in ARMS}
+                  for p in sorted(grid.out.glob(f"{arm}-seed*.json"))] for arm in grid.arms}
 
 
 def cell(values: np.ndarray, count: bool = False) -> str:
@@ -85,32 +126,35 @@ def metric(run: dict, name: str) -> float:
     return run.get("analyses", {}).get(name, run["test"].get(name, np.nan))
 
 
-def paired(runs: dict[str, list[dict]]) -> list[str]:
-    """Each arm minus action-only, seed by seed (the same seed: the same init and batch order)."""
-    base = {r["seed"]: r for r in runs["action-only"]}
-    lines = ["| arm − action-only | seeds | " + " | ".join(PAIRED) + " |", "| --- | --- |" + " --- |" * len(PAIRED)]
+def paired(runs: dict[str, list[dict]], baseline: str) -> list[str]:
+    """Each arm minus the baseline arm, seed by seed (the same seed: the same init and batch order)."""
+    base = {r["seed"]: r for r in runs[baseline]}
+    lines = [f"| arm − {baseline} | seeds | " + " | ".join(PAIRED) + " |", "| --- | --- |" + " --- |" * len(PAIRED)]
     for arm, rs in runs.items():
-        pairs = [(r, base[r["seed"]]) for r in rs if arm != "action-only" and r["seed"] in base]
+        pairs = [(r, base[r["seed"]]) for r in rs if arm != baseline and r["seed"] in base]
         if pairs:
             cells = [cell(np.array([metric(r, m) - metric(b, m) for r, b in pairs])) for m in PAIRED]
             lines.append(f"| {arm} | {len(pairs)} | " + " | ".join(cells) + " |")
     return lines
 
 
-def summarize() -> str:
-    runs = load_runs()
+def summarize(grid: Grid) -> str:
+    runs = load_runs(grid)
     out = []
     for title, section, metrics in TABLES:
-        out += [f"### {title}", "", *table(runs, section, metrics), ""]
-    out += ["### Paired by seed: each arm minus action-only (test)", "", *paired(runs)]
+        if any(section in r for rs in runs.values() for r in rs):  # analyses only where measured
+            title = title.format(n=grid.analysis_examples)
+            out += [f"### {title}", "", *table(runs, section, metrics), ""]
+    out += [f"### Paired by seed: each arm minus {grid.baseline} (test)", "", *paired(runs, grid.baseline)]
     return "\n".join(out)
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="../shared/data/amazon-scientific")
+    ap.add_argument("--grid", choices=sorted(GRIDS), default="ablation")
     ap.add_argument("--summarize", action="store_true", help="only print the tables of existing results")
     args = ap.parse_args()
     if not args.summarize:
-        run(args.data)
-    print(summarize())
+        run(GRIDS[args.grid], args.data)
+    print(summarize(GRIDS[args.grid]))

@@ -1,0 +1,54 @@
+"""bench/ablation_cpu_tiny.py: the commands each grid runs and the tables it prints."""
+
+import json
+import shlex
+
+import pytest
+
+from conftest import load_script
+
+
+@pytest.fixture(scope="module")
+def grids():
+    return load_script("bench/ablation_cpu_tiny.py")
+
+
+def _commands(grids, monkeypatch, name):
+    calls = []
+    monkeypatch.setattr(grids.subprocess, "run", lambda args, **kw: calls.append(args))
+    grids.run(grids.GRIDS[name], "/data/sci")
+    return [" ".join(["python", *a[1:]]) for a in calls]
+
+
+@pytest.mark.parametrize("name, arm, seed", [("ablation", "karma", 0), ("negatives", "all", 1)])
+def test_run_repeats_the_committed_commands(grids, monkeypatch, name, arm, seed):
+    """Each committed result regenerates from the script: same arguments, data path aside."""
+    grid = grids.GRIDS[name]
+    commands = _commands(grids, monkeypatch, name)
+    assert len(commands) == len(grids.SEEDS) * len(grid.arms)
+    recorded = shlex.split(json.loads((grid.out / f"{arm}-seed{seed}.json").read_text())["command"])
+    mine = next(shlex.split(c) for c in commands if f"{arm}-seed{seed}.json" in c)
+    assert _portable(mine) == _portable(recorded)
+
+
+def _portable(args: list[str]) -> list[str]:
+    """Arguments without the data path and the checkout's location."""
+    return [a[a.index("bench/results/"):] if "bench/results/" in a else a
+            for a in args if not a.startswith("data.path=")]
+
+
+def test_summary_means_spreads_and_pairs(grids, monkeypatch, tmp_path):
+    monkeypatch.setattr(grids, "RESULTS", tmp_path)
+    grid = grids.GRIDS["negatives"]
+    grid.out.mkdir()
+    hr = {"sampled1024": [0.10, 0.12, 0.14], "all": [0.11, 0.15, 0.13], "sampled32": [0.2, 0.2, 0.2]}
+    for arm, values in hr.items():
+        for seed, v in enumerate(values):
+            (grid.out / f"{arm}-seed{seed}.json").write_text(json.dumps({"test": {"HR@10": v, "tail/n_queries": 7}}))
+    text = grids.summarize(grid)
+    assert "| all | 3 | 0.1300 ± 0.0200 |" in text  # mean and sample std of 0.11, 0.15, 0.13
+    assert "| sampled32 | 3 | 0.2000 ± 0.0000 |" in text
+    assert "Semantic analyses" not in text  # none measured
+    # paired by seed against sampled1024: all - base = 0.01, 0.03, -0.01
+    assert "each arm minus sampled1024" in text and "| all | 3 | 0.0100 ± 0.0200 |" in text
+    assert "| sampled1024 | 3 | 0.0" not in text.split("Paired")[1]  # the baseline has no row there
