@@ -50,7 +50,7 @@ def popularity_metrics(counts: np.ndarray, examples: pd.DataFrame, ks=(10, 50, 2
     """The most-popular baseline: every user gets the same ranking by training frequency
     (with its long-tail breakdown: the floor a model's `tail/` numbers should clear)."""
     scores = torch.as_tensor(counts, dtype=torch.float64) + torch.linspace(0, 1e-6, len(counts), dtype=torch.float64)
-    targets = torch.as_tensor(examples["target"].to_numpy())
+    targets = torch.as_tensor(np.array(examples["target"], dtype=np.int64))  # a copy: Arrow columns are read-only
     # rank of each target in the single global ordering (pessimistic ties are broken by the tiny ramp)
     order = torch.argsort(scores, descending=True)
     rank_of = torch.empty_like(order)
