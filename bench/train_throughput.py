@@ -359,7 +359,7 @@ def profile_steps(step, batch: dict, dev: str, n: int) -> dict | None:
 
 
 def run_plain(spec: dict) -> dict:
-    from karma.optim import make_scheduler, param_groups
+    from karma.optim import make_optimizer, make_scheduler
     from karma.step import karma_losses
     from karma.train.engine import compile_model
 
@@ -368,8 +368,7 @@ def run_plain(spec: dict) -> dict:
     model = build_model(spec, cfg)
     model.train()
     cuda = dev == "cuda"
-    groups = param_groups(model, cfg.train.weight_decay, cfg.train.lr, cfg.train.new_lr_scale)
-    opt = torch.optim.AdamW(groups, lr=cfg.train.lr, fused=cuda or None)
+    opt = make_optimizer(model, cfg.train, fused=cuda or None)
     sched = make_scheduler(opt, cfg.train.warmup_steps, spec["warmup"] + spec["steps"])
     compiled = compile_model(model, cfg.dist)
     sampler = make_sampler(spec, cfg, dev)

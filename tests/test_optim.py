@@ -2,11 +2,11 @@
 to the backbone, and the warm-up/cosine schedule over both."""
 
 import pytest
-import torch
 
 from conftest import tiny_cfg
 from karma.factory import build_model
-from karma.optim import make_scheduler, param_groups
+from karma.config import TrainConfig
+from karma.optim import make_optimizer, make_scheduler, param_groups
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def test_new_parameters_get_the_scaled_lr(model):
 
 
 def test_schedule_keeps_the_ratio(model):
-    opt = torch.optim.AdamW(param_groups(model, 0.01, 1e-3, new_lr_scale=10), lr=1e-3)
+    opt = make_optimizer(model, TrainConfig(lr=1e-3, new_lr_scale=10))
     sched = make_scheduler(opt, warmup=2, total=10)
     for _ in range(5):
         opt.step()

@@ -1,10 +1,12 @@
-"""Optimizer parameter groups and the warm-up + cosine learning-rate schedule."""
+"""The optimizer (AdamW over parameter groups) and the warm-up + cosine learning-rate schedule."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+
+from karma.config import TrainConfig
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, lr: float, new_lr_scale: float = 1.0) -> list[dict]:
@@ -22,6 +24,12 @@ def param_groups(model: torch.nn.Module, weight_decay: float, lr: float, new_lr_
         groups[(plain, new)].append(p)
     return [{"params": ps, "weight_decay": 0.0 if plain else weight_decay, "lr": lr * (new_lr_scale if new else 1.0)}
             for (plain, new), ps in groups.items() if ps or not new]
+
+
+def make_optimizer(model: torch.nn.Module, train: TrainConfig, fused: bool | None = None) -> torch.optim.AdamW:
+    """AdamW over `param_groups` with the train config's lr, weight decay and new_lr_scale."""
+    groups = param_groups(model, train.weight_decay, train.lr, train.new_lr_scale)
+    return torch.optim.AdamW(groups, lr=train.lr, fused=fused)
 
 
 def warmup_cosine(step: int, warmup: int, total: int, floor: float = 0.1) -> float:

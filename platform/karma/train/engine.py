@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from karma.config import Config, DistConfig
 from karma.losses import compile_ce_kernels
-from karma.optim import param_groups, warmup_cosine
+from karma.optim import make_optimizer, make_scheduler
 
 
 def resolve_dist(d: DistConfig) -> DistConfig:
@@ -103,10 +103,8 @@ def make_engine(model: torch.nn.Module, cfg: Config, world_size: int, total_step
         base = model.backbone.get_base_model() if hasattr(model.backbone, "get_base_model") else model.backbone
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     fused = d.use_gpu and torch.cuda.is_available()
-    groups = param_groups(model, cfg.train.weight_decay, cfg.train.lr, cfg.train.new_lr_scale)
-    opt = torch.optim.AdamW(groups, lr=cfg.train.lr, fused=fused or None)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: warmup_cosine(s, cfg.train.warmup_steps, total_steps))
+    opt = make_optimizer(model, cfg.train, fused=fused or None)
+    sched = make_scheduler(opt, cfg.train.warmup_steps, total_steps)
     engine, opt, _, sched = deepspeed.initialize(
         model=model, optimizer=opt, lr_scheduler=sched, config=deepspeed_config(cfg, world_size),
         dist_init_required=not dist.is_initialized())

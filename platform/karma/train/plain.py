@@ -11,7 +11,7 @@ import torch
 from karma.config import Config
 from karma.evaluate import batches, popularity_metrics, retrieval_metrics, semantic_analyses
 from karma.factory import build_model
-from karma.optim import make_scheduler, param_groups
+from karma.optim import make_optimizer, make_scheduler
 from karma.pipeline import prepare
 from karma.progress import Progress
 from karma.sasrec import sasrec_loss
@@ -51,8 +51,7 @@ def train_plain(cfg: Config, log=print) -> dict:
     log(f"popularity baseline HR@10={result['popularity']['HR@10']:.4f}; "
         f"untrained HR@10={result['before']['HR@10']:.4f}")
 
-    opt = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay, cfg.train.lr, cfg.train.new_lr_scale),
-                            lr=cfg.train.lr)
+    opt = make_optimizer(model, cfg.train)
     steps = total_steps(cfg, len(prep.split.train))
     sched = make_scheduler(opt, cfg.train.warmup_steps, steps)
     sampler = NegativeSampler(prep.counts, cfg.loss.n_negatives, seed=cfg.train.seed, device=device)
