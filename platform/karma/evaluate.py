@@ -17,6 +17,15 @@ from karma.step import prepare_batch
 from karma.text import Tokenizer, item_texts
 
 
+def validation_subset(valid: pd.DataFrame, max_users: int) -> pd.DataFrame:
+    """The validation examples scored each epoch, by one rule for every training path: a fixed
+    random sample of `max_users` (seed 0, independent of the training seed; 0 = all), kept in
+    their original order. The first N would favour whichever users the reader lists first."""
+    if not max_users or max_users >= len(valid):
+        return valid
+    return valid.sample(n=max_users, random_state=0).sort_index()
+
+
 def batches(examples: pd.DataFrame, batch_size: int, max_history: int):
     for start in range(0, len(examples), batch_size):
         rows = examples.iloc[start : start + batch_size]

@@ -21,7 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from karma.config import ModelConfig
+from karma.config import LossConfig, ModelConfig
+from karma.step import Gather, NegativeSampler, karma_losses, local_gather
 from karma.text import GEN_PROMPT, QUERY_PREFIX, REC_PROMPT, Tokenizer
 
 
@@ -194,6 +195,12 @@ class KarmaModel(nn.Module):
         and nothing that breaks a compiled graph; the cross-entropy ignores the -100 rows and
         upcasts to fp32 in chunks (karma.losses.token_ce)."""
         return self.backbone.get_output_embeddings()(hidden.reshape(-1, hidden.shape[-1])), labels.reshape(-1)
+
+    def loss(self, batch: dict, loss_cfg: LossConfig, sampler: NegativeSampler | None = None,
+             gather: Gather = local_gather) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The training loss of one batch and its detached parts: every loop calls this, so no
+        loop needs to know which architecture it trains (SASRec has its own)."""
+        return karma_losses(self, batch, loss_cfg, sampler, gather)
 
     # ---- forward passes -----------------------------------------------------------------------
     def interests(self, batch: dict) -> dict:

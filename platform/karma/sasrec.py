@@ -127,6 +127,11 @@ class SASRec(nn.Module):
     def forward(self, batch: dict, gen_rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         return self.interests(batch)  # no text branches: gen_rows is ignored
 
+    def loss(self, batch: dict, loss_cfg=None, sampler=None, gather=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The training loss (KarmaModel.loss's interface): full softmax cross-entropy; the loss
+        config, negative sampler and cross-worker gather do not apply to it."""
+        return sasrec_loss(self, batch)
+
     def item_embeddings(self, ids: torch.Tensor | None = None) -> torch.Tensor:
         """Item table rows [C, d] (all items in row order when ids is None); not normalised."""
         if ids is None:

@@ -9,15 +9,17 @@ from __future__ import annotations
 import hashlib
 import math
 import warnings
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
 
 from karma.config import LossConfig
 from karma.losses import action_loss, inverse_cdf_sample, popularity_log_prob, token_ce, total_loss
-from karma.model import KarmaModel
 from karma.text import Tokenizer
+
+if TYPE_CHECKING:  # the model calls karma_losses (KarmaModel.loss): no import at run time
+    from karma.model import KarmaModel
 
 # all-gather of a [B] tensor across workers -> ([W*B] tensor, offset of this worker's rows)
 Gather = Callable[[torch.Tensor], tuple[torch.Tensor, int]]

@@ -9,13 +9,12 @@ import numpy as np
 import torch
 
 from karma.config import Config
-from karma.evaluate import batches, popularity_metrics, retrieval_metrics, semantic_analyses
+from karma.evaluate import batches, popularity_metrics, retrieval_metrics, semantic_analyses, validation_subset
 from karma.factory import build_model
 from karma.optim import make_optimizer, make_scheduler
 from karma.pipeline import prepare
 from karma.progress import Progress
-from karma.sasrec import sasrec_loss
-from karma.step import NegativeSampler, karma_losses, prepare_batch
+from karma.step import NegativeSampler, prepare_batch
 
 
 def pick_device(name: str) -> torch.device:
@@ -38,9 +37,7 @@ def train_plain(cfg: Config, log=print) -> dict:
     collapse, effective rank, decoded-text fidelity) and `decoded` a few (decoded, reference) pairs."""
     device = pick_device(cfg.train.device)
     prep = prepare(cfg.data, log)
-    valid = prep.split.valid
-    if cfg.train.eval_max_users:
-        valid = valid.iloc[: cfg.train.eval_max_users]
+    valid = validation_subset(prep.split.valid, cfg.train.eval_max_users)
     model, tok = build_model(cfg, prep.data.items, log=log)
     model.to(device)
     ks = cfg.train.ks
@@ -67,10 +64,7 @@ def train_plain(cfg: Config, log=print) -> dict:
         train = prep.split.train.iloc[order[:usable]]
         for i, raw in enumerate(batches(train, cfg.train.batch_size, cfg.data.max_history)):
             batch = prepare_batch(raw, model, tok, device)
-            if cfg.model.arch == "sasrec":
-                loss, parts = sasrec_loss(model, batch)
-            else:
-                loss, parts = karma_losses(model, batch, cfg.loss, sampler)
+            loss, parts = model.loss(batch, cfg.loss, sampler)
             (loss / cfg.train.grad_accum).backward()
             if (i + 1) % cfg.train.grad_accum:
                 continue

@@ -36,6 +36,7 @@ def prepare_data(cfg_dict: dict, out_dir: str) -> dict:
     Runs as a Ray task so the driver never holds the data set."""
     from karma.config import from_dict
     from karma.data import to_arrow
+    from karma.evaluate import validation_subset
     from karma.pipeline import prepare
     import pyarrow.parquet as pq
 
@@ -44,9 +45,7 @@ def prepare_data(cfg_dict: dict, out_dir: str) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     prep = prepare(cfg.data, log=lambda m: print(f"[karma] {m}", flush=True))
     pq.write_table(to_arrow(prep.split.train), out / "train.parquet", row_group_size=4096)
-    valid = prep.split.valid
-    if cfg.train.eval_max_users:
-        valid = valid.sample(n=min(len(valid), cfg.train.eval_max_users), random_state=0).sort_index()
+    valid = validation_subset(prep.split.valid, cfg.train.eval_max_users)
     valid.to_parquet(out / "valid.parquet")
     prep.split.test.to_parquet(out / "test.parquet")
     prep.data.items.to_parquet(out / "items.parquet")
