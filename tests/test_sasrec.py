@@ -5,7 +5,7 @@ import torch
 
 from conftest import tiny_cfg
 from karma.data import collate
-from karma.evaluate import retrieval_metrics
+from karma.evaluate import retrieval_metrics, validation_subset
 from karma.factory import build_model
 from karma.sasrec import SASRec, sasrec_loss
 from karma.step import prepare_batch
@@ -109,7 +109,7 @@ def test_plain_loop_sasrec_beats_popularity(cache_dir, one_thread):
     assert result["best"]["NDCG@10"] == max(e["NDCG@10"] for e in result["epochs"])
     assert result["test"]["n_queries"] == len(result["prepared"].split.test)
     # the returned model holds the best epoch's weights, not the last epoch's
-    valid = result["prepared"].split.valid.iloc[: cfg.train.eval_max_users]
+    valid = validation_subset(result["prepared"].split.valid, cfg.train.eval_max_users)
     again = retrieval_metrics(result["model"], valid, result["tokenizer"], cfg.data.max_history, "cpu", cfg.train.ks)
     assert again["NDCG@10"] == pytest.approx(result["best"]["NDCG@10"], abs=1e-6)
     assert 0 < result["test"]["HR@10"] <= 1

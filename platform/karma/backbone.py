@@ -88,6 +88,7 @@ def load_backbone(cfg: ModelConfig, texts: list[str], cache_dir: str | Path, log
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     model.config.use_cache = False
     set_attention(model, cfg.attn_implementation)
+    set_attention_dropout(model, cfg.dropout)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if cfg.lora:
@@ -111,6 +112,14 @@ def backbone_from_config(config_dict: dict, cfg: ModelConfig) -> PreTrainedModel
     model.config.use_cache = False
     set_attention(model, cfg.attn_implementation)
     return model
+
+
+def set_attention_dropout(model: PreTrainedModel, p: float) -> None:
+    """model.dropout inside the backbone's attention (Llama-style layers read it per call)."""
+    model.config.attention_dropout = p
+    for module in model.modules():
+        if hasattr(module, "attention_dropout"):
+            module.attention_dropout = p
 
 
 def set_attention(model: PreTrainedModel, impl: str) -> None:

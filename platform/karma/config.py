@@ -55,7 +55,14 @@ class ModelConfig:
     id_dim: int = 64  # learnable item-ID embedding width
     head_reduce: Literal["max", "mixture"] = "max"
     rec_soft_tokens: int = 4  # k soft tokens P_rec(z) for reconstruction
+    # Dropout on the item tokens entering the backbone and inside its attention (train only).
     dropout: float = 0.0
+    # Text KARMA: the titles of the last N history items enter the prompt as the backbone's own
+    # tokens (first `history_text_tokens` of each), before the item tokens; 0 = off. With
+    # history_item_tokens=false the history is text alone (no fused item tokens).
+    history_text_items: int = 0
+    history_text_tokens: int = 8
+    history_item_tokens: bool = True
     lora: bool = False
     lora_r: int = 16
     lora_alpha: int = 32
@@ -112,6 +119,10 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Stop early when validation NDCG@10 has not improved for this many epochs (0 = never)
     early_stop_patience: int = 0
+    # Length-bucketed batches: after the epoch's full shuffle, each run of this many batches is
+    # re-cut by history length (so a batch pads to a similar length) and its batches re-shuffled;
+    # 0 = plain shuffled batches.
+    bucket_batches: int = 0
 
 
 @dataclass
@@ -261,6 +272,14 @@ def _validate(cfg: Config) -> Config:
     need(cfg.model.rec_soft_tokens >= 1, "model.rec_soft_tokens: must be at least 1")
     need(cfg.model.sasrec_hidden % cfg.model.sasrec_heads == 0, "model.sasrec_hidden: must be divisible by model.sasrec_heads")
     need(0 <= cfg.model.sasrec_dropout < 1, "model.sasrec_dropout: must be in [0, 1)")
+    need(0 <= cfg.model.dropout < 1, "model.dropout: must be in [0, 1)")
+    need(cfg.model.history_text_items >= 0, "model.history_text_items: must be >= 0 (0 = no history titles)")
+    need(1 <= cfg.model.history_text_tokens < cfg.data.text_max_tokens,
+         f"model.history_text_tokens: must be in [1, data.text_max_tokens={cfg.data.text_max_tokens}) "
+         "(titles are cut from the item text, which ends in EOS)")
+    need(cfg.model.history_item_tokens or cfg.model.history_text_items > 0,
+         "model.history_item_tokens=false leaves no history in the prompt; set model.history_text_items "
+         "to the number of history titles to show (e.g. 5)")
     need(cfg.loss.w_gen >= 0 and cfg.loss.w_rec >= 0, "loss.w_gen / loss.w_rec: weights must be >= 0")
     need(cfg.loss.tau_init > 0, "loss.tau_init: the temperature must be > 0")
     need(cfg.loss.n_negatives >= 0, "loss.n_negatives: must be >= 0")
@@ -281,6 +300,8 @@ def _validate(cfg: Config) -> Config:
     need(cfg.train.new_lr_scale > 0, "train.new_lr_scale: must be > 0 (1 = the backbone's lr)")
     need(cfg.train.epochs >= 1 or cfg.train.max_steps > 0, "train.epochs: must be >= 1 unless train.max_steps is set")
     need(cfg.train.grad_accum >= 1, "train.grad_accum: must be at least 1")
+    need(cfg.train.bucket_batches >= 0, "train.bucket_batches: must be >= 0 (0 = no length bucketing)")
+    need(cfg.train.early_stop_patience >= 0, "train.early_stop_patience: must be >= 0 (0 = never stop early)")
     need(len(cfg.train.ks) > 0 and all(k >= 1 for k in cfg.train.ks), "train.ks: give cut-offs >= 1, e.g. [10, 50, 200]")
     need(cfg.data.max_history >= 1, "data.max_history: must be at least 1")
     need(cfg.data.text_max_tokens >= 2, "data.text_max_tokens: must be at least 2")

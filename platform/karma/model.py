@@ -26,8 +26,17 @@ from karma.step import Gather, NegativeSampler, karma_losses, local_gather
 from karma.text import GEN_PROMPT, QUERY_PREFIX, REC_PROMPT, Tokenizer
 
 
+def linear(d_in: int, d_out: int) -> nn.Linear:
+    """A Linear layer whose bias starts at zero. PyTorch's default bias is the same for every
+    input: added to every item it swamps each item's own (small) signal, the item tower starts
+    collapsed (all items at cosine ~1), and at an LLM fine-tuning rate it stays so."""
+    layer = nn.Linear(d_in, d_out)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
 def mlp(d_in: int, d_out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(d_in, d_out), nn.GELU(), nn.Linear(d_out, d_out))
+    return nn.Sequential(linear(d_in, d_out), nn.GELU(), linear(d_out, d_out))
 
 
 class Temperature(nn.Module):
@@ -64,7 +73,9 @@ class ItemEncoder(nn.Module):
                  image_emb: torch.Tensor | None, out_scale: float):
         super().__init__()
         self.id_emb = nn.Embedding(n_items, id_dim)
-        nn.init.normal_(self.id_emb.weight, std=0.02)
+        # ID vectors of about unit norm, like the (normalised) text embeddings beside them: random
+        # ones are near-orthogonal, so distinct items start apart, and neither part drowns the other.
+        nn.init.normal_(self.id_emb.weight, std=id_dim ** -0.5)
         self.mlp_id = mlp(id_dim, hidden)
         self.mlp_txt = self.mlp_img = None
         if text_emb is not None:
@@ -115,10 +126,11 @@ class KarmaModel(nn.Module):
         self.items = ItemEncoder(n_items, cfg.id_dim, hidden, text_emb, image_emb, scale)
         self._hidden = hidden  # a plain int: ZeRO-3 empties partitioned parameters' shapes
         self.interest = InterestTokens(cfg.n_interest, hidden, scale)
-        self.interest_head = nn.Linear(hidden, cfg.embed_dim)
-        self.item_head = nn.Linear(hidden, cfg.embed_dim)
-        self.mix_head = nn.Linear(hidden, cfg.n_interest) if cfg.head_reduce == "mixture" else None
-        self.rec_proj = nn.Linear(cfg.embed_dim, cfg.rec_soft_tokens * hidden)
+        self.interest_head = linear(hidden, cfg.embed_dim)
+        self.item_head = linear(hidden, cfg.embed_dim)
+        self.mix_head = linear(hidden, cfg.n_interest) if cfg.head_reduce == "mixture" else None
+        self.rec_proj = linear(cfg.embed_dim, cfg.rec_soft_tokens * hidden)
+        self.token_drop = nn.Dropout(cfg.dropout)
         self.temperature = Temperature(tau_init, learn_tau)
         self.register_buffer("item_tokens", item_tokens.long())  # [N, T] target text, EOS, padding
         self.register_buffer("item_token_len", item_token_len.long())  # [N] text + EOS lengths
@@ -163,18 +175,42 @@ class KarmaModel(nn.Module):
         mask = torch.cat([torch.ones_like(p, dtype=torch.bool), real[:, :-1]], dim=1)
         return self.embed_tokens(ids), mask, tokens.masked_fill(~real, -100)
 
-    def _prefix(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """[query] [items] [INT_1..H] embeddings and mask; the INT tokens are the last H columns."""
+    def _history_titles(self, hist: torch.Tensor, hmask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text KARMA: the first `history_text_tokens` tokens of the last N history items' text,
+        as token embeddings [B, N*t, D] and their mask (padding of short titles and of missing
+        items stays in place, masked: static shapes, positions follow the mask)."""
+        n, t = self.cfg.history_text_items, self.cfg.history_text_tokens
+        h, m = hist[:, -n:], hmask[:, -n:]
+        tokens = self.item_tokens[h][:, :, :t]  # [B, n, t]
+        n_text = (self.item_token_len[h] - 1).unsqueeze(-1)  # the EOS is not part of the title
+        real = (torch.arange(tokens.shape[-1], device=h.device) < n_text) & m.unsqueeze(-1)
+        return self.embed_tokens(tokens.flatten(1)), real.flatten(1)
+
+    def _prefix(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[query] [history titles] [items] [INT_1..H] embeddings and mask (the INT tokens are the
+        last H columns), and the mask of the history's positions (its item tokens, or its title
+        tokens when the history is text alone)."""
         hist, hmask = batch["history"], batch["history_mask"]
-        parts = [self.items(hist)]
-        masks = [hmask]
+        parts, masks, is_hist = [], [], []
         if "query_ids" in batch:  # left-padded query tokens with the `query:` prefix
-            parts.insert(0, self.embed_tokens(batch["query_ids"]))
-            masks.insert(0, batch["query_mask"])
+            parts.append(self.embed_tokens(batch["query_ids"]))
+            masks.append(batch["query_mask"])
+            is_hist.append(torch.zeros_like(batch["query_mask"]))
+        if self.cfg.history_text_items:
+            emb, m = self._history_titles(hist, hmask)
+            parts.append(emb)
+            masks.append(m)
+            is_hist.append(m if not self.cfg.history_item_tokens else torch.zeros_like(m))
+        if self.cfg.history_item_tokens:
+            parts.append(self.token_drop(self.items(hist)))
+            masks.append(hmask)
+            is_hist.append(hmask)
         b = hist.shape[0]
         parts.append(self.interest(b, parts[0].dtype))
-        masks.append(torch.ones(b, self.cfg.n_interest, dtype=torch.bool, device=hist.device))
-        return torch.cat(parts, dim=1), torch.cat(masks, dim=1)
+        ones = torch.ones(b, self.cfg.n_interest, dtype=torch.bool, device=hist.device)
+        masks.append(ones)
+        is_hist.append(torch.zeros_like(ones))
+        return torch.cat(parts, dim=1), torch.cat(masks, dim=1), torch.cat(is_hist, dim=1)
 
     def _run(self, embeds: torch.Tensor, mask: torch.Tensor, output_attentions: bool = False):
         # Positions follow the mask, so padding anywhere (left or right) does not shift them.
@@ -205,7 +241,7 @@ class KarmaModel(nn.Module):
     # ---- forward passes -----------------------------------------------------------------------
     def interests(self, batch: dict) -> dict:
         """Inference: the interest path only. Returns z [B, H, d] (and mixture logits)."""
-        embeds, mask = self._prefix(batch)
+        embeds, mask, _ = self._prefix(batch)
         hidden = self._run(embeds, mask).last_hidden_state
         z, mix = self._read_interests(hidden, embeds.shape[1])
         return {"z": z, "mix_logits": mix, "n_tokens": mask.sum()}
@@ -230,7 +266,7 @@ class KarmaModel(nn.Module):
         return out
 
     def _interests_and_generation(self, batch: dict, gen_rows: int | torch.Tensor) -> dict:
-        embeds, mask = self._prefix(batch)
+        embeds, mask, _ = self._prefix(batch)
         n_prefix = embeds.shape[1]
         t_emb, t_mask, labels = self._text_part(batch["target"])
         full_mask = torch.cat([mask, t_mask], 1)
@@ -300,15 +336,13 @@ class KarmaModel(nn.Module):
         """Eager attention maps of the interest path, for sink and collapse analyses."""
         from karma.backbone import set_attention
 
-        embeds, mask = self._prefix(batch)
+        embeds, mask, item_mask = self._prefix(batch)
         set_attention(self.backbone, "eager")
         try:
             out = self._run(embeds, mask, output_attentions=True)
         finally:
             set_attention(self.backbone, self.cfg.attn_implementation)
         n = embeds.shape[1]
-        item_mask = torch.zeros_like(mask)
-        item_mask[:, n - self.cfg.n_interest - batch["history"].shape[1] : n - self.cfg.n_interest] = batch["history_mask"]
         query_pos = torch.arange(n - self.cfg.n_interest, n, device=mask.device).expand(mask.shape[0], -1)
         return {"attentions": [a.float() for a in out.attentions], "attention_mask": mask,
                 "item_mask": item_mask, "query_positions": query_pos}

@@ -108,6 +108,26 @@ def item_counts(train_examples: pd.DataFrame, n_items: int) -> np.ndarray:
     return np.bincount(t, minlength=n_items).astype(np.int64)
 
 
+def epoch_order(history_lengths: np.ndarray, batch_size: int, rng: np.random.Generator,
+                bucket_batches: int = 0) -> np.ndarray:
+    """The example rows of one epoch, in batch order: a full permutation cut to whole batches.
+    With `bucket_batches` > 0, each run of that many batches is re-cut by history length (a batch
+    then pads to a similar length; collate pads to the longest row) and its batches re-shuffled,
+    so the epoch still visits every row once and batch order stays random."""
+    order = rng.permutation(len(history_lengths))
+    order = order[: len(order) // batch_size * batch_size]  # no ragged last batch
+    if bucket_batches <= 0:
+        return order
+    span = batch_size * bucket_batches
+    out = []
+    for start in range(0, len(order), span):
+        chunk = order[start : start + span]
+        chunk = chunk[np.argsort(history_lengths[chunk], kind="stable")]
+        cut = chunk.reshape(-1, batch_size)
+        out.append(cut[rng.permutation(len(cut))].reshape(-1))
+    return np.concatenate(out)
+
+
 def _columns(rows: Sequence[Mapping[str, Any]] | Mapping[str, Any]) -> dict[str, list]:
     if isinstance(rows, Mapping):  # dict of columns, e.g. Ray Data numpy batches
         return {k: list(v) for k, v in rows.items()}

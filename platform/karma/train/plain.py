@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from karma.config import Config
+from karma.data import epoch_order
 from karma.evaluate import batches, popularity_metrics, retrieval_metrics, semantic_analyses, validation_subset
 from karma.factory import build_model
 from karma.optim import make_optimizer, make_scheduler
@@ -54,14 +55,15 @@ def train_plain(cfg: Config, log=print) -> dict:
     sampler = NegativeSampler(prep.counts, cfg.loss.n_negatives, seed=cfg.train.seed, device=device)
     progress = Progress(steps, cfg.train.log_every, log)
     rng = np.random.default_rng(cfg.train.seed)
+    hist_len = prep.split.train["history"].map(len).to_numpy()
     step, epoch, best, stale, start = 0, 0, -1.0, 0, time.time()
     best_state, best_epoch = None, 0
     while step < steps:
         epoch += 1
         model.train()
-        order = rng.permutation(len(prep.split.train))
-        usable = len(order) // cfg.train.batch_size * cfg.train.batch_size  # no ragged last batch
-        train = prep.split.train.iloc[order[:usable]]
+        epoch_start = time.time()
+        order = epoch_order(hist_len, cfg.train.batch_size, rng, cfg.train.bucket_batches)
+        train = prep.split.train.iloc[order]
         for i, raw in enumerate(batches(train, cfg.train.batch_size, cfg.data.max_history)):
             batch = prepare_batch(raw, model, tok, device)
             loss, parts = model.loss(batch, cfg.loss, sampler)
@@ -76,7 +78,10 @@ def train_plain(cfg: Config, log=print) -> dict:
             progress.update(step, parts, cfg.train.batch_size * cfg.train.grad_accum)
             if step >= steps:
                 break
+        train_seconds = time.time() - epoch_start
         metrics = evaluate()
+        metrics.update(epoch=epoch, step=step, train_seconds=train_seconds,
+                       eval_seconds=time.time() - epoch_start - train_seconds)
         result["epochs"].append(metrics)
         log(f"epoch {epoch}: valid HR@10={metrics['HR@10']:.4f} NDCG@10={metrics['NDCG@10']:.4f} "
             f"({time.time() - start:.0f}s)")
