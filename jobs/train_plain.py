@@ -19,7 +19,7 @@ import _bootstrap  # noqa: E402,F401  (puts platform/ on the path)
 from karma.config import Config, ConfigError, load_config  # noqa: E402
 from karma.train.plain import train_plain  # noqa: E402
 
-SUMMARY_KEYS = ("popularity", "before", "after", "best_epoch", "best", "test", "analyses", "steps", "seconds")
+SUMMARY_KEYS = ("popularity", "before", "epochs", "after", "best_epoch", "best", "test", "analyses", "steps", "seconds")
 
 
 def write_heatmap(result: dict, cfg: Config, path: str) -> dict:

@@ -88,7 +88,7 @@ def test_static_branches_equal_the_boolean_indexing_path(built):
     batch = make_batch(model, tok)
     target = batch["target"]
     # reference hidden states of the generation forward, through the same backbone call
-    embeds, mask = model._prefix(batch)
+    embeds, mask, _ = model._prefix(batch)
     t_emb, t_mask, _ = model._text_part(target)
     hidden = model._run(torch.cat([embeds, t_emb], 1), torch.cat([mask, t_mask], 1)).last_hidden_state
     gen_ref = old_branch_loss(model, hidden, target, model.prompts.gen, embeds.shape[1])

@@ -45,6 +45,12 @@ def smollm2_gguf() -> Path:
     return path
 
 
+def smollm2_tokenizer() -> HFTokenizer:
+    """SmolLM2's tokenizer alone, read from its GGUF (no weights dequantised)."""
+    gguf = smollm2_gguf()
+    return HFTokenizer(AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name))
+
+
 def smollm2_dir(cache_dir: str | Path, log=print) -> Path:
     """SmolLM2 converted once from GGUF into a plain safetensors model folder (cached).
 
