@@ -7,6 +7,9 @@ measured, and each arm's paired difference from the grid's baseline arm.
   of every arm also draws the interest token's attention for one fixed test user.
 - `negatives`: the action loss's candidates (KARMA weights), 3 epochs each: 32 or 1,024
   popularity-sampled negatives with logQ, or a full softmax over all items.
+- `recipe`: the CPU recipe (configs/karma-scientific.yaml: trained to convergence with early
+  stopping on validation NDCG@10 over all validation users, test metrics of the best epoch), arms
+  action-only, KARMA and text KARMA (titles of the last 5 history items in the prompt).
 - `lr`: SmolLM2's schedule (batch 128, lr 3e-4, 100 warm-up steps, 1,024 negatives, one epoch)
   with the parts KARMA adds to the backbone at 1x, 10x or 30x that learning rate.
 
@@ -21,6 +24,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +45,8 @@ class Grid:
     analysis_examples: int  # test users for the semantic analyses (0 = none)
     extra: tuple[str, ...] = ()  # further overrides, before the seed
     heatmaps: bool = False  # seed 0 of each arm draws its attention heat-map
+    config: str = "configs/tiny.yaml"
+    eval_users: int = 2000  # validation users scored each epoch (0 = all)
 
     @property
     def out(self) -> Path:
@@ -66,6 +72,12 @@ GRIDS = {
         baseline="scale1", epochs=1, analysis_examples=0,
         extra=("train.batch_size=128", "train.lr=3e-4", "train.warmup_steps=100", "loss.n_negatives=1024",
                "train.log_every=0")),
+    "recipe": Grid("recipe_scientific", {
+        "action-only": ("loss.w_gen=0.0", "loss.w_rec=0.0"),
+        "karma": ("loss.w_gen=0.5", "loss.w_rec=0.5"),
+        "text-karma": ("loss.w_gen=0.5", "loss.w_rec=0.5", "model.history_text_items=5")},
+        baseline="action-only", epochs=40, analysis_examples=512, config="configs/karma-scientific.yaml",
+        eval_users=0),
 }
 # (title, section of the result JSON, metrics)
 TABLES = (
@@ -83,17 +95,22 @@ def heatmap_path(arm: str) -> Path:
     return IMG / f"ablation_tiny_{arm}_seed0.png"
 
 
-def run(grid: Grid, data: str) -> None:
+def run(grid: Grid, data: str, jobs: int = 1) -> None:
+    """Every (seed, arm) run of the grid, `jobs` processes at a time (one torch thread each)."""
     grid.out.mkdir(parents=True, exist_ok=True)
+    commands = []
     for seed in SEEDS:
         for arm, overrides in grid.arms.items():
             heatmap = ["--heatmap", str(heatmap_path(arm))] if grid.heatmaps and seed == 0 else []
-            subprocess.run([sys.executable, "jobs/train_plain.py", "--config", "configs/tiny.yaml",
-                            "--out", str(grid.out / f"{arm}-seed{seed}.json"), *heatmap, "data.source=recbole",
-                            f"data.path={data}", "data.max_history=50", f"train.epochs={grid.epochs}",
-                            "train.eval_max_users=2000", f"train.analysis_examples={grid.analysis_examples}",
-                            *grid.extra, f"train.seed={seed}", *overrides],
-                           cwd=ROOT, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            commands.append([sys.executable, "jobs/train_plain.py", "--config", grid.config,
+                             "--out", str(grid.out / f"{arm}-seed{seed}.json"), *heatmap, "data.source=recbole",
+                             f"data.path={data}", "data.max_history=50", f"train.epochs={grid.epochs}",
+                             f"train.eval_max_users={grid.eval_users}",
+                             f"train.analysis_examples={grid.analysis_examples}",
+                             *grid.extra, f"train.seed={seed}", *overrides])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        list(pool.map(lambda c: subprocess.run(c, cwd=ROOT, check=True, env=env), commands))  # re-raises failures
 
 
 def load_runs(grid: Grid) -> dict[str, list[dict]]:
@@ -154,7 +171,8 @@ if __name__ == "__main__":
     ap.add_argument("--data", default="../shared/data/amazon-scientific")
     ap.add_argument("--grid", choices=sorted(GRIDS), default="ablation")
     ap.add_argument("--summarize", action="store_true", help="only print the tables of existing results")
+    ap.add_argument("--jobs", type=int, default=1, help="runs at once, one process and torch thread each")
     args = ap.parse_args()
     if not args.summarize:
-        run(GRIDS[args.grid], args.data)
+        run(GRIDS[args.grid], args.data, args.jobs)
     print(summarize(GRIDS[args.grid]))
