@@ -137,3 +137,15 @@ def test_epoch_order_visits_every_row_once_and_buckets_cut_padding():
     assert first != sorted(first)
     # deterministic for a seed
     assert np.array_equal(bucketed, epoch_order(lengths, 32, np.random.default_rng(1), bucket_batches=8))
+
+
+def test_text_karma_export_serves_the_same_interests(items, cache_dir, tmp_path):
+    from karma.export import export_model, load_export
+
+    cfg = tiny_cfg(cache_dir, "model.history_text_items=3", "model.dropout=0.2")
+    model, tok = build_model(cfg, items, log=None)
+    model.eval()
+    export_model(model, tok, cfg, items, tmp_path / "export")
+    hist = [[0, 1, 2, 3, 4], [5]]
+    want = model.interests(batch_of(model, tok, hist))["z"].detach().numpy()
+    np.testing.assert_allclose(load_export(tmp_path / "export").interests(hist), want, atol=1e-6)
