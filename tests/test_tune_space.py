@@ -25,7 +25,7 @@ def tiny():
     return load_config(ROOT / "configs" / "tiny.yaml")
 
 
-@pytest.mark.parametrize("file", ["loss_weights.yaml", "ablation.yaml"])
+@pytest.mark.parametrize("file", ["loss_weights.yaml", "ablation.yaml", "recipe.yaml"])
 def test_shipped_spaces_load_and_fit_the_configs(file, tmp_path):
     sp = load_space(ROOT / "tune_spaces" / file)
     for config in ("tiny.yaml", "smollm2.yaml", "qwen0.5b-gpu.yaml"):
@@ -201,3 +201,13 @@ def test_load_space_errors(tmp_path):
     ok = tmp_path / "ok.yaml"
     ok.write_text(yaml.safe_dump(BASE))
     assert load_space(ok, name="other").name == "other"
+
+
+def test_recipe_space_has_the_three_arms_of_the_recipe():
+    sp = load_space(ROOT / "tune_spaces" / "recipe.yaml")
+    arms = {name: (v["loss.w_gen"], v["loss.w_rec"], v["model.history_text_items"]) for name, v in sp.arms.items()}
+    assert arms["action-only"] == (0, 0, 0)
+    assert arms["KARMA"][2] == 0 and min(arms["KARMA"][:2]) > 0
+    assert arms["text-KARMA"][:2] == arms["KARMA"][:2] and arms["text-KARMA"][2] > 0
+    assert sp.seeds == [0, 1, 2] and sp.scheduler is None
+    assert any(o.startswith("train.early_stop_patience=") and not o.endswith("=0") for o in sp.overrides)
