@@ -1,4 +1,4 @@
-"""Report figures: ranking metrics, interest-token attention, ablation arms.
+"""Report figures: ranking metrics, interest-token attention, ablation arms, metric curves.
 
 Figures are built on the Agg canvas directly (no pyplot), so nothing needs a display and no
 global figure registry grows in long-running drivers. Each function returns the Figure and
@@ -137,4 +137,26 @@ def arms_plot(table: pd.DataFrame, path: str | Path | None = None, per_row: int 
         ax.grid(axis="y", alpha=0.3)
     for ax in axes[::ncols]:
         ax.set_ylabel("mean ± std over seeds")
+    return _finish(fig, path)
+
+
+def metric_curve(values_by_arm: Mapping[str, Sequence[float]], metric: str, path: str | Path | None = None,
+                 xlabel: str = "epoch") -> Figure:
+    """One line per named curve (an arm, a model, a run) of `metric` against epochs 1..n; curves
+    may differ in length (early stopping)."""
+    if not values_by_arm or not all(len(v) for v in values_by_arm.values()):
+        raise ValueError(f"metric_curve: give at least one non-empty curve (got {dict(values_by_arm)!r})")
+    fig = _figure(6.0, 3.6, layout="constrained")
+    ax = fig.add_subplot()
+    longest = 0
+    for name, values in values_by_arm.items():
+        y = np.asarray(values, dtype=float)
+        ax.plot(np.arange(1, len(y) + 1), y, marker="o", markersize=3, label=str(name))
+        longest = max(longest, len(y))
+    ax.set_xticks(range(1, longest + 1, _tick_step(longest, 20)))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} per {xlabel}")
+    ax.grid(alpha=0.3)
+    ax.legend(frameon=False)
     return _finish(fig, path)
