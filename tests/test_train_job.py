@@ -1,4 +1,7 @@
-"""End to end: the Ray Train + DeepSpeed job on 2 CPU workers, MLflow run, registry, export."""
+"""End to end: the Ray Train + DeepSpeed job on 2 CPU workers, MLflow run, registry, export.
+The main run is made to peak early (its learning rate keeps rising) and fails once after its
+first checkpoint: it must stop early, resume, and test, export and register the best epoch's
+weights. SASRec runs through the same job."""
 
 from __future__ import annotations
 
@@ -13,49 +16,104 @@ import ray
 from conftest import ROOT, tiny_cfg
 from karma.config import ConfigError
 from karma.export import load_export
+from karma.pipeline import prepare
+from karma.retrieval import evaluate_retrieval
 from karma.tracking import mlflow_key
-from karma.train.ray_job import check_resources, init_ray, run_training
+from karma.train.ray_job import check_arch, check_resources, run_training, steps_plan
+from karma.train.worker import FAULT_ENV
+
+EPOCHS = 4
+# Linear warm-up over far more steps than the run has: the learning rate keeps rising, so
+# validation NDCG@10 peaks early and early stopping (patience 1) ends the run before EPOCHS.
+PEAKING = ("train.lr=100", "train.warmup_steps=10000", "train.early_stop_patience=1")
+SASREC = ("model.arch=sasrec", "model.sasrec_hidden=32", "model.sasrec_heads=2", "data.text_encoder=none")
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, cache_dir):
+def session(tmp_path_factory, cache_dir):
+    """One Ray session; a worker of the main run raises once inside epoch 2 (after epoch 1's
+    checkpoint). The SASRec run is too short to reach that step."""
     root = tmp_path_factory.mktemp("job")
-    cfg = tiny_cfg(cache_dir, f"dist.storage_path={root}", "tracking.run_name=e2e", "train.epochs=2",
-                   "dist.num_workers=2", "dist.zero_stage=2", "dist.precision=bf16", "train.log_every=10")
-    init_ray(cfg)
-    yield cfg, run_training(cfg, log=lambda m: None), root
+    cfg = tiny_cfg(cache_dir, f"dist.storage_path={root}", "tracking.run_name=e2e", f"train.epochs={EPOCHS}",
+                   "dist.num_workers=2", "dist.zero_stage=2", "dist.precision=bf16", "train.log_every=10", *PEAKING)
+    per_epoch, _ = steps_plan(cfg, len(prepare(cfg.data, log=lambda m: None).split.train))
+    ray.init(address="local", num_cpus=3,
+             runtime_env={"env_vars": {FAULT_ENV: f"{per_epoch + 2}:{root / 'fault'}", "OMP_NUM_THREADS": "1"}})
+    yield cfg, root, per_epoch
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def trained(session):
+    cfg, root, per_epoch = session
+    return cfg, run_training(cfg, log=lambda m: None), root, per_epoch
+
+
+def _export_metrics(export, examples: pd.DataFrame) -> dict:
+    model = load_export(export)
+    z = model.interests([list(h) for h in examples["history"]])
+    return evaluate_retrieval(z, np.array(model.item_emb), examples["target"].to_numpy(), ks=(10,))
+
+
 def test_job_trains_tracks_and_registers(trained):
-    cfg, result, root = trained
-    steps_per_epoch = result.steps // 2
-    assert result.steps == 2 * steps_per_epoch > 0
-    assert result.metrics["epoch"] == 2 and 0 < result.metrics["HR@10"] <= 1
+    cfg, result, root, per_epoch = trained
+    epochs = result.metrics["epoch"]
+    assert (root / "fault").is_file()  # a worker failed once; the job resumed
+    assert result.steps == epochs * per_epoch > 0 and 0 < result.metrics["HR@10"] <= 1
     client = mlflow.MlflowClient(f"sqlite:///{root}/mlflow.db")
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["dist.zero_stage"] == "2" and run.data.params["dist.precision"] == "bf16"
+    assert [m.value for m in client.get_metric_history(result.run_id, "train/resumed_from_step")] == [per_epoch]
     curve = client.get_metric_history(result.run_id, "valid/" + mlflow_key("HR@10"))
-    assert [m.step for m in curve] == [steps_per_epoch, 2 * steps_per_epoch]
+    assert sorted(m.step for m in curve) == [per_epoch * (e + 1) for e in range(epochs)]
     # the test split once, after the last epoch, with its long tail
     assert 0 <= result.metrics["test/HR@10"] <= 1 and "test/tail/HR@10" in result.metrics
     test_curve = client.get_metric_history(result.run_id, "test/" + mlflow_key("HR@10"))
-    assert [(m.step, m.value) for m in test_curve] == [(2 * steps_per_epoch, result.metrics["test/HR@10"])]
+    assert [(m.step, m.value) for m in test_curve] == [(epochs * per_epoch, result.metrics["test/HR@10"])]
     assert client.get_metric_history(result.run_id, "train/loss_action")  # losses as they happen
     assert client.get_metric_history(result.run_id, "train/tokens_per_s")
     artifacts = {a.path for a in client.list_artifacts(result.run_id)} | {
         a.path for a in client.list_artifacts(result.run_id, "report")}
-    assert {"config.json", "report/eval_report.json", "report/hr_at_k.png",
-            "report/interest_attention.png"} <= artifacts
+    assert {"config.json", "report/eval_report.json", "report/hr_at_k.png", "report/interest_attention.png",
+            "report/valid_ndcg_at_10.png"} <= artifacts
     # the final checkpoint is Ray's persisted one, hard-linked (not a second copy on the same disk)
     assert result.checkpoint_dir.name == "final" and (result.export_dir / "meta.json").stat().st_nlink == 2
     version = client.get_model_version_by_alias(cfg.tracking.experiment, cfg.tracking.alias)
     assert str(version.version) == result.model_version and version.run_id == result.run_id
+    assert float(version.tags["metric." + mlflow_key("NDCG@10")]) == result.metrics["NDCG@10"]
+
+
+def test_early_stop_ends_the_job_before_its_epochs(trained):
+    cfg, result, root, per_epoch = trained
+    epochs, best = result.metrics["epoch"], result.metrics["best_epoch"]
+    assert epochs < EPOCHS, "the rising learning rate no longer makes NDCG@10 peak early"
+    assert best == epochs - 1  # patience 1: the first epoch without a gain is the last
+    client = mlflow.MlflowClient(f"sqlite:///{root}/mlflow.db")
+    ndcg = [m.value for m in sorted(client.get_metric_history(result.run_id, "valid/" + mlflow_key("NDCG@10")),
+                                    key=lambda m: m.step)]
+    assert len(ndcg) == epochs and int(np.argmax(ndcg)) + 1 == best
+    assert result.metrics["NDCG@10"] == max(ndcg) > ndcg[-1]  # the report carries the best epoch's
+
+
+def test_test_split_export_and_registry_hold_the_best_epochs_weights(trained):
+    cfg, result, root, _ = trained
+    data = root / "e2e" / "data"
+    valid, test = pd.read_parquet(data / "valid.parquet"), pd.read_parquet(data / "test.parquet")
+    again = _export_metrics(result.export_dir, valid)
+    # the exported weights score what the best epoch scored, not what the last one did
+    assert again["NDCG@10"] == pytest.approx(result.metrics["NDCG@10"], abs=1e-4)
+    client = mlflow.MlflowClient(f"sqlite:///{root}/mlflow.db")
+    last = max(client.get_metric_history(result.run_id, "valid/" + mlflow_key("NDCG@10")), key=lambda m: m.step)
+    assert abs(again["NDCG@10"] - last.value) > 5e-3
+    assert _export_metrics(result.export_dir, test)["NDCG@10"] == pytest.approx(result.metrics["test/NDCG@10"],
+                                                                                abs=1e-4)
+    report = json.loads((result.checkpoint_dir / "report" / "eval_report.json").read_text())
+    assert report["best_epoch"] == result.metrics["best_epoch"] and report["NDCG@10"] == result.metrics["NDCG@10"]
 
 
 def test_export_reloads_to_the_trained_interests(trained):
-    _, result, _ = trained
+    _, result, _, _ = trained
     export = result.export_dir
     probe = pd.read_parquet(export / "probe_examples.parquet")
     want = np.load(export / "probe_interests.npy")
@@ -67,9 +125,27 @@ def test_export_reloads_to_the_trained_interests(trained):
     assert meta["dtype"] == "bfloat16" and meta["n_items"] == len(model.items)
 
 
+def test_sasrec_through_the_ray_job(session, cache_dir):
+    _, root, _ = session
+    cfg = tiny_cfg(cache_dir, *SASREC, f"dist.storage_path={root}", "tracking.run_name=sasrec", "train.epochs=2",
+                   "train.lr=5e-3", "train.batch_size=128", "dist.num_workers=1", "dist.zero_stage=0",
+                   "dist.precision=fp32")
+    logs = []
+    result = run_training(cfg, log=logs.append)
+    assert result.metrics["epoch"] == 2 and 1 <= result.metrics["best_epoch"] <= 2
+    assert 0 < result.metrics["test/HR@10"] <= 1 and result.metrics["test/n_queries"] == 300
+    assert "sink_rate_first" not in result.metrics  # no language model to analyse
+    assert result.export_dir is None and result.model_version is None
+    assert any("no inference export and no registration" in m for m in logs)
+    report = {a.path for a in mlflow.MlflowClient(f"sqlite:///{root}/mlflow.db").list_artifacts(result.run_id,
+                                                                                                 "report")}
+    assert {"report/eval_report.json", "report/hr_at_k.png", "report/valid_ndcg_at_10.png"} == report
+
+
 @pytest.mark.parametrize("overrides, needle", [
     (["train.bogus=1"], "unknown key(s) ['bogus'] in train"),
     (["dist.zero_stage=4"], "dist.zero_stage: 4 is not a ZeRO stage"),
+    (["model.arch=sasrec", "dist.zero_stage=3"], "model.arch=sasrec: dist.zero_stage=3 is not supported"),
 ])
 def test_bad_configs_fail_fast(overrides, needle, capsys):
     import sys
@@ -81,7 +157,13 @@ def test_bad_configs_fail_fast(overrides, needle, capsys):
     assert needle in capsys.readouterr().err
 
 
-def test_more_workers_than_cpus(trained, cache_dir):
+@pytest.mark.parametrize("overrides", [["dist.activation_checkpointing=true"], ["dist.compile=decoder"]])
+def test_sasrec_refuses_backbone_settings(cache_dir, overrides):
+    with pytest.raises(ConfigError, match="model.arch=sasrec"):
+        check_arch(tiny_cfg(cache_dir, *SASREC, *overrides))
+
+
+def test_more_workers_than_cpus(session, cache_dir):
     cfg = tiny_cfg(cache_dir, "dist.num_workers=8")
     with pytest.raises(ConfigError, match=r"dist.num_workers=8 .* needs 9 CPUs but the cluster has"):
         check_resources(cfg)

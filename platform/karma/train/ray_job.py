@@ -1,6 +1,7 @@
-"""The Ray Train assembly: data to Parquet (in a Ray task, not on the driver), Ray Data into
-the workers, a TorchTrainer with fault tolerance and score-kept checkpoints, then the MLflow
-run and registry. Called by jobs/train.py and, per trial, by the Tune sweep."""
+"""The Ray Train assembly: data to Parquet (in a Ray task, not on the driver), read by the
+workers with a fresh shuffle every epoch, a TorchTrainer with fault tolerance and score-kept
+checkpoints, then the MLflow run and registry. Called by jobs/train.py and, per trial, by the
+Tune sweep."""
 
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ from karma.train.worker import train_loop_per_worker
 
 @dataclass
 class TrainResult:
-    metrics: dict  # the last report: validation metrics, and the test split's as test/...
+    # the last report: the best epoch's validation metrics (best_epoch), the test split's as
+    # test/... (with those weights), epoch and step where training ended
+    metrics: dict
     checkpoint_dir: Path | None  # the final checkpoint on local disk (holds export/ and report/)
     export_dir: Path | None
     run_id: str | None  # MLflow run
@@ -32,7 +35,7 @@ class TrainResult:
 # which holds no CPU for them.
 @ray.remote(scheduling_strategy="DEFAULT")
 def prepare_data(cfg_dict: dict, out_dir: str) -> dict:
-    """Load, validate and split the data; write examples as Parquet for Ray Data.
+    """Load, validate and split the data; write examples as Parquet for the workers.
     Runs as a Ray task so the driver never holds the data set."""
     from karma.config import from_dict
     from karma.data import to_arrow
@@ -56,7 +59,7 @@ def prepare_data(cfg_dict: dict, out_dir: str) -> dict:
 def check_resources(cfg: Config) -> None:
     """Fail fast when the cluster cannot host the requested workers."""
     have = ray.cluster_resources()
-    # One CPU stays free for Ray Data's read tasks: without it the pipeline starves and hangs.
+    # One CPU stays free for the data task (a Tune trial prepares its data while others train).
     need_cpu = cfg.dist.num_workers * cfg.dist.cpus_per_worker + 1
     if need_cpu > have.get("CPU", 0):
         raise ConfigError(
@@ -69,6 +72,22 @@ def check_resources(cfg: Config) -> None:
             f"dist.num_workers={cfg.dist.num_workers} x dist.gpus_per_worker={cfg.dist.gpus_per_worker:g} needs "
             f"{need_gpu:g} GPUs but the cluster has {have.get('GPU', 0):g}; lower dist.num_workers or "
             "dist.gpus_per_worker, or set dist.use_gpu=false")
+
+
+def check_arch(cfg: Config) -> None:
+    """Fail fast on DeepSpeed settings the SASRec baseline cannot run under: it has no backbone
+    to checkpoint or compile, and reads its item table outside a module call, where ZeRO-3 would
+    hand it an empty partition (a model this small needs no partitioning)."""
+    if cfg.model.arch != "sasrec":
+        return
+    if cfg.dist.zero_stage == 3:
+        raise ConfigError("model.arch=sasrec: dist.zero_stage=3 is not supported; use 0, 1 or 2")
+    if cfg.dist.activation_checkpointing:
+        raise ConfigError("model.arch=sasrec: dist.activation_checkpointing needs a language-model backbone; "
+                          "set it to false")
+    if cfg.dist.compile in ("decoder", "layers"):
+        raise ConfigError(f"model.arch=sasrec: dist.compile={cfg.dist.compile} compiles a language-model "
+                          "backbone; use auto, none or model")
 
 
 def init_ray(cfg: Config) -> None:
@@ -106,8 +125,6 @@ def fit(cfg: Config, run_root: Path, mlflow_run_id: str | None = None, tracking_
     per_epoch, total = steps_plan(cfg, summary["n_train"])
     log(f"training {total} steps ({per_epoch}/epoch) on {cfg.dist.num_workers} workers, "
         f"ZeRO-{cfg.dist.zero_stage} {cfg.dist.precision}")
-    ray.data.DataContext.get_current().enable_progress_bars = False  # one line per step is ours
-    train_ds = ray.data.read_parquet(str(data_dir / "train.parquet"))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "data_dir": str(data_dir), "steps_per_epoch": per_epoch,
@@ -123,7 +140,6 @@ def fit(cfg: Config, run_root: Path, mlflow_run_id: str | None = None, tracking_
                 num_to_keep=cfg.dist.keep_checkpoints, checkpoint_score_attribute="NDCG@10",
                 checkpoint_score_order="max")),
         torch_config=TorchConfig(backend="nccl" if cfg.dist.use_gpu else "gloo"),
-        datasets={"train": train_ds},
     )
     return trainer.fit(), summary
 
@@ -162,6 +178,7 @@ def run_training(cfg: Config, log=print, parent_run_id: str | None = None,
     """The whole training job: Ray Train fit, MLflow run, export registration."""
     from karma.tracking import RunTracker, metric_tags, register_export, resolve_tracking_uri
 
+    check_arch(cfg)  # before Ray and MLflow: a refused config leaves no run behind
     init_ray(cfg)
     root = storage_root(cfg)
     run_root = root / cfg.tracking.run_name
@@ -180,6 +197,9 @@ def run_training(cfg: Config, log=print, parent_run_id: str | None = None,
             if (ckpt_dir / "report").is_dir():
                 for f in sorted((ckpt_dir / "report").iterdir()):
                     tracker.log_artifact(f, "report")
+            if cfg.model.arch == "sasrec":
+                log("model.arch=sasrec: no inference export and no registration (the export format "
+                    "holds KARMA models); the report and test metrics are in the run")
             if (ckpt_dir / "export").is_dir():
                 export_dir = ckpt_dir / "export"
                 if cfg.tracking.register:
