@@ -166,13 +166,33 @@ def summarize(grid: Grid) -> str:
     return "\n".join(out)
 
 
+def curve_figure(grid: Grid, path: Path, seed: int = 0, sasrec: Path = RESULTS / "sasrec_scientific.json") -> dict:
+    """Validation NDCG@10 per epoch of each arm's run of `seed`, with SASRec's run of the same seed
+    beside them (bench/sasrec_scientific.py records its curve), as a PNG; returns the curves."""
+    sys.path.insert(0, str(ROOT / "platform"))
+    from karma.plots import metric_curve
+
+    curves = {arm: [e["NDCG@10"] for e in r["epochs"]] for arm, rs in load_runs(grid).items()
+              for r in rs if r["seed"] == seed and "epochs" in r}
+    if sasrec.is_file():
+        for r in json.loads(sasrec.read_text())["per_seed"]:
+            if r["seed"] == seed:
+                curves["SASRec"] = r["valid_ndcg10_per_epoch"]
+    metric_curve(curves, "validation NDCG@10", path=ROOT / path)
+    return curves
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="../shared/data/amazon-scientific")
     ap.add_argument("--grid", choices=sorted(GRIDS), default="ablation")
     ap.add_argument("--summarize", action="store_true", help="only print the tables of existing results")
     ap.add_argument("--jobs", type=int, default=1, help="runs at once, one process and torch thread each")
+    ap.add_argument("--figure", type=Path, help="also draw seed 0's validation NDCG@10 per epoch (PNG), "
+                                                "SASRec's beside the arms")
     args = ap.parse_args()
     if not args.summarize:
         run(GRIDS[args.grid], args.data, args.jobs)
+    if args.figure:
+        curve_figure(GRIDS[args.grid], args.figure)
     print(summarize(GRIDS[args.grid]))

@@ -266,6 +266,15 @@ class KarmaModel(nn.Module):
         return out
 
     def _interests_and_generation(self, batch: dict, gen_rows: int | torch.Tensor) -> dict:
+        b = batch["history"].shape[0]
+        if not isinstance(gen_rows, torch.Tensor) and gen_rows < b:
+            # A prefix of rows decodes: only those carry the target text through the backbone; the
+            # rest run the interest path alone (z is the same: the text comes after INT_H).
+            head = self._interests_and_generation({k: v[:gen_rows] for k, v in batch.items()}, gen_rows)
+            rest = self.interests({k: v[gen_rows:] for k, v in batch.items()})
+            mix = None if head["mix_logits"] is None else torch.cat([head["mix_logits"], rest["mix_logits"]])
+            return {**head, "z": torch.cat([head["z"], rest["z"]]), "mix_logits": mix,
+                    "n_tokens": head["n_tokens"] + rest["n_tokens"]}
         embeds, mask, _ = self._prefix(batch)
         n_prefix = embeds.shape[1]
         t_emb, t_mask, labels = self._text_part(batch["target"])
