@@ -197,8 +197,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             del weights
         else:
             state["stale"] += 1
-        log(f"epoch {epoch + 1}: valid HR@10={metrics['HR@10']:.4f} NDCG@10={metrics['NDCG@10']:.4f} "
-            f"sink={metrics.get('sink_rate_first', float('nan')):.3f} ({metrics['epoch_seconds']:.0f}s)")
+        sink = f" sink={metrics['sink_rate_first']:.3f}" if "sink_rate_first" in metrics else ""
+        log(f"epoch {epoch + 1}: valid HR@10={metrics['HR@10']:.4f} NDCG@10={metrics['NDCG@10']:.4f}{sink} "
+            f"({metrics['epoch_seconds']:.0f}s)")
         if tracker is not None:
             tracker.log_metrics({f"valid/{k}": v for k, v in metrics.items()}, step=state["step"])
         last = state["step"] >= total
