@@ -1,4 +1,4 @@
-"""The KARMA training job: Ray Train + DeepSpeed ZeRO + Ray Data + MLflow.
+"""The KARMA training job: Ray Train + DeepSpeed ZeRO + MLflow (each worker reads its slice of a fresh per-epoch shuffle).
 
     python jobs/train.py [--config PATH] [section.key=value ...]
     ray job submit --working-dir . -- python jobs/train.py --config configs/qwen0.5b-gpu.yaml
