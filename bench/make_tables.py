@@ -46,6 +46,8 @@ def kind_of(rel: str, r: dict) -> str:
         return "serve_load"
     if "per_seed" in r and "mean_std" in r:
         return "sasrec"
+    if "median_epoch_s" in r and "runs" in r:
+        return "epoch_cost"
     if "after" in r and "popularity" in r:
         return "training_run"
     if "trials" in r and "space" in r:
@@ -172,6 +174,19 @@ def sasrec_section(files: list[tuple[str, dict]]) -> list[str]:
             "`bench/sasrec_scientific.py`: mean ± sample std over seeds, full ranking.", ""] + table(header, rows) + [""]
 
 
+def epoch_cost_section(files: list[tuple[str, dict]]) -> list[str]:
+    rows = []
+    for rel, r in files:
+        ratios = r.get("ratio_to_sasrec") or {}
+        for arm, median in r["median_epoch_s"].items():
+            rows.append([code(rel), device_of(r), arm, str(len(r["runs"][arm])), fmt(median, ".1f"),
+                         fmt(ratios.get(arm), ".2f")])
+    header = ["file", "device", "arm", "rounds", "median s/epoch", "x SASRec"]
+    return ["## Epoch cost, Amazon Scientific", "",
+            "`bench/epoch_cost.py`: one epoch (training + scoring every validation user), one torch thread, arms "
+            "alternating in one process.", ""] + table(header, rows) + [""]
+
+
 def run_section(files: list[tuple[str, dict]]) -> list[str]:
     rows = []
     for rel, r in files:
@@ -213,7 +228,7 @@ def other_section(files: list[tuple[str, dict]]) -> list[str]:
 
 
 SECTIONS = (("train_throughput", train_section), ("retrieval", retrieval_section), ("serve_load", serve_section),
-            ("sasrec", sasrec_section), ("training_run", run_section),
+            ("sasrec", sasrec_section), ("epoch_cost", epoch_cost_section), ("training_run", run_section),
             ("ablation_sweep", ablation_section), ("other", other_section))
 
 

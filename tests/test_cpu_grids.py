@@ -53,3 +53,18 @@ def test_summary_means_spreads_and_pairs(grids, monkeypatch, tmp_path):
     # paired by seed against sampled1024: all - base = 0.01, 0.03, -0.01
     assert "each arm minus sampled1024" in text and "| all | 3 | 0.0100 ± 0.0200 |" in text
     assert "| sampled1024 | 3 | 0.0" not in text.split("Paired")[1]  # the baseline has no row there
+
+
+def test_recipe_figure_draws_each_arm_and_sasrec(grids, monkeypatch, tmp_path):
+    monkeypatch.setattr(grids, "RESULTS", tmp_path)
+    grid = grids.GRIDS["recipe"]
+    grid.out.mkdir()
+    for arm, curve in {"karma": [0.03, 0.05, 0.04], "action-only": [0.02, 0.03]}.items():
+        (grid.out / f"{arm}-seed0.json").write_text(json.dumps({"epochs": [{"NDCG@10": v} for v in curve]}))
+        (grid.out / f"{arm}-seed1.json").write_text(json.dumps({"epochs": [{"NDCG@10": 0.5}]}))
+    sasrec = tmp_path / "sasrec.json"
+    sasrec.write_text(json.dumps({"per_seed": [{"seed": 1, "valid_ndcg10_per_epoch": [0.9]},
+                                               {"seed": 0, "valid_ndcg10_per_epoch": [0.01, 0.02, 0.06, 0.05]}]}))
+    curves = grids.curve_figure(grid, tmp_path / "curve.png", sasrec=sasrec)
+    assert curves == {"action-only": [0.02, 0.03], "karma": [0.03, 0.05, 0.04], "SASRec": [0.01, 0.02, 0.06, 0.05]}
+    assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"

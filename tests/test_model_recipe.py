@@ -22,11 +22,14 @@ def batch_of(model, tok, histories, targets=None):
     return prepare_batch(collate(rows, 20), model, tok, "cpu")
 
 
-# hidden, heads: the tiny test width and SmolLM2-135M's width (576, 9 heads)
-@pytest.mark.parametrize("hidden,heads", [(32, 2), (576, 9)])
-def test_item_tower_starts_spread_out(items, cache_dir, hidden, heads):
-    cfg = tiny_cfg(cache_dir, f"model.tiny_hidden={hidden}", f"model.tiny_heads={heads}", "model.embed_dim=64")
+# hidden, heads: the tiny test width and SmolLM2-135M's width (576, 9 heads); unit-norm or small IDs
+@pytest.mark.parametrize("hidden,heads,id_std", [(32, 2, "null"), (576, 9, "null")])
+def test_item_tower_starts_spread_out(items, cache_dir, hidden, heads, id_std):
+    cfg = tiny_cfg(cache_dir, f"model.tiny_hidden={hidden}", f"model.tiny_heads={heads}", "model.embed_dim=64",
+                   f"model.id_init_std={id_std}")
     model, _ = build_model(cfg, items, log=None)
+    want = cfg.model.id_dim ** -0.5 if id_std == "null" else id_std
+    assert float(model.items.id_emb.weight.detach().std()) == pytest.approx(want, rel=0.1)
     with torch.no_grad():
         emb = model.item_embeddings()
     assert float(mean_pairwise_cosine(emb)) < 0.3

@@ -53,6 +53,9 @@ class ModelConfig:
     n_interest: int = 1  # H interest tokens
     embed_dim: int = 64  # d_e of the interest and item-tower embeddings
     id_dim: int = 64  # learnable item-ID embedding width
+    # Initial std of the ID embeddings; null = id_dim ** -0.5 (unit-norm ID vectors). Small IDs
+    # leave a rarely seen item's token to its text until training has given its ID a meaning.
+    id_init_std: float | None = None
     head_reduce: Literal["max", "mixture"] = "max"
     rec_soft_tokens: int = 4  # k soft tokens P_rec(z) for reconstruction
     # Dropout on the item tokens entering the backbone and inside its attention (train only).
@@ -273,6 +276,8 @@ def _validate(cfg: Config) -> Config:
     need(cfg.model.sasrec_hidden % cfg.model.sasrec_heads == 0, "model.sasrec_hidden: must be divisible by model.sasrec_heads")
     need(0 <= cfg.model.sasrec_dropout < 1, "model.sasrec_dropout: must be in [0, 1)")
     need(0 <= cfg.model.dropout < 1, "model.dropout: must be in [0, 1)")
+    need(cfg.model.id_init_std is None or cfg.model.id_init_std > 0,
+         "model.id_init_std: must be > 0, or null for unit-norm ID vectors")
     need(cfg.model.history_text_items >= 0, "model.history_text_items: must be >= 0 (0 = no history titles)")
     need(1 <= cfg.model.history_text_tokens < cfg.data.text_max_tokens,
          f"model.history_text_tokens: must be in [1, data.text_max_tokens={cfg.data.text_max_tokens}) "

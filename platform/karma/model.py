@@ -70,12 +70,11 @@ class ItemEncoder(nn.Module):
     """e_in(i) = norm(MLP_id(ID[i]) + MLP_txt(text[i]) [+ MLP_img(img[i])]) in the LLM's width."""
 
     def __init__(self, n_items: int, id_dim: int, hidden: int, text_emb: torch.Tensor | None,
-                 image_emb: torch.Tensor | None, out_scale: float):
+                 image_emb: torch.Tensor | None, out_scale: float, id_init_std: float | None = None):
         super().__init__()
         self.id_emb = nn.Embedding(n_items, id_dim)
-        # ID vectors of about unit norm, like the (normalised) text embeddings beside them: random
-        # ones are near-orthogonal, so distinct items start apart, and neither part drowns the other.
-        nn.init.normal_(self.id_emb.weight, std=id_dim ** -0.5)
+        # Default: ID vectors of about unit norm, like the (normalised) text embeddings beside them.
+        nn.init.normal_(self.id_emb.weight, std=id_dim ** -0.5 if id_init_std is None else id_init_std)
         self.mlp_id = mlp(id_dim, hidden)
         self.mlp_txt = self.mlp_img = None
         if text_emb is not None:
@@ -123,7 +122,7 @@ class KarmaModel(nn.Module):
         emb = backbone.get_input_embeddings().weight
         hidden = emb.shape[1]
         scale = float(emb.detach().float().std())
-        self.items = ItemEncoder(n_items, cfg.id_dim, hidden, text_emb, image_emb, scale)
+        self.items = ItemEncoder(n_items, cfg.id_dim, hidden, text_emb, image_emb, scale, cfg.id_init_std)
         self._hidden = hidden  # a plain int: ZeRO-3 empties partitioned parameters' shapes
         self.interest = InterestTokens(cfg.n_interest, hidden, scale)
         self.interest_head = linear(hidden, cfg.embed_dim)

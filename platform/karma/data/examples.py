@@ -84,7 +84,7 @@ def _list_array(values: Sequence[np.ndarray]) -> pa.ListArray:
 
 
 def to_arrow(examples: pd.DataFrame) -> pa.Table:
-    """Examples as an Arrow table (what goes to Parquet / Ray Data): history and shown as
+    """Examples as an Arrow table (what goes to Parquet for the workers): history and shown as
     list<int32>, target int32, user_id int64, query string."""
     missing = [c for c in EXAMPLE_COLUMNS if c not in examples.columns]
     if missing:
