@@ -62,3 +62,19 @@ def test_a_resumed_epoch_skips_exactly_the_consumed_batches(train):
     assert len(full) == micro and len(resumed) == micro - 5
     for a, b in zip(full[5:], resumed):
         assert torch.equal(a["user_id"], b["user_id"]) and torch.equal(a["history"], b["history"])
+
+
+def test_ray_workers_bucket_by_length_like_the_plain_loop():
+    """train.bucket_batches applies in the Ray path too: each global batch holds similar lengths,
+    every row of the epoch's whole batches once across the workers."""
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 50, size=640)
+    micro = 640 // (WORLD * B)
+    ranks = [epoch_rows(lengths, B, WORLD, r, micro, seed=0, epoch=1, bucket_batches=4) for r in range(WORLD)]
+    assert sorted(np.concatenate(ranks).tolist()) == list(range(micro * WORLD * B))
+
+    def padded(rows_by_rank):
+        return sum(max(lengths[r[i * B:(i + 1) * B]].max() for r in rows_by_rank) for i in range(micro))
+
+    plain = [epoch_rows(lengths, B, WORLD, r, micro, seed=0, epoch=1) for r in range(WORLD)]
+    assert padded(ranks) < 0.8 * padded(plain)

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from karma.config import Config, from_dict
+from karma.data import epoch_order
 from karma.evaluate import batches, semantic_analyses
 from karma.export import export_model
 from karma.factory import build_model
@@ -67,21 +68,24 @@ def distributed_interests(engine, examples: pd.DataFrame, tok, cfg: Config, devi
     return z[:n].cpu()  # padding repeated the first rows: drop it
 
 
-def epoch_rows(n_examples: int, batch_size: int, world: int, rank: int, micro_batches: int, seed: int,
-               epoch: int) -> np.ndarray:
-    """This worker's example rows for one epoch, in training order: a fresh permutation of all
-    examples for each (seed, epoch), cut into global batches of world x batch_size rows, of which
-    each worker takes its own slice. The same after a restart, so a resumed epoch skips exactly
-    the batches consumed before it."""
-    order = np.random.default_rng([seed, epoch]).permutation(n_examples)[: micro_batches * world * batch_size]
-    return order.reshape(micro_batches, world, batch_size)[:, rank].reshape(-1)
+def epoch_rows(history_lengths: np.ndarray | int, batch_size: int, world: int, rank: int, micro_batches: int,
+               seed: int, epoch: int, bucket_batches: int = 0) -> np.ndarray:
+    """This worker's example rows for one epoch, in training order: the plain loop's epoch order
+    (`karma.data.epoch_order`: a fresh permutation for each (seed, epoch), optionally bucketed by
+    history length) cut into global batches of world x batch_size rows, of which each worker takes
+    its own slice. The same after a restart, so a resumed epoch skips exactly the batches consumed
+    before it. An int stands for that many examples of equal length."""
+    lengths = np.zeros(history_lengths, np.int64) if isinstance(history_lengths, int) else history_lengths
+    order = epoch_order(lengths, world * batch_size, np.random.default_rng([seed, epoch]), bucket_batches)
+    return order[: micro_batches * world * batch_size].reshape(micro_batches, world, batch_size)[:, rank].reshape(-1)
 
 
 def epoch_batches(train: pd.DataFrame, cfg: Config, rank: int, world: int, micro_batches: int, epoch: int,
                   done: int = 0):
     """This worker's collated micro-batches of one epoch (`epoch_rows`), after the first `done`."""
     bs = cfg.train.batch_size
-    rows = epoch_rows(len(train), bs, world, rank, micro_batches, cfg.train.seed, epoch)
+    rows = epoch_rows(train["history"].map(len).to_numpy(), bs, world, rank, micro_batches, cfg.train.seed, epoch,
+                      cfg.train.bucket_batches)
     return batches(train.iloc[rows[done * bs:]], bs, cfg.data.max_history)
 
 
