@@ -20,7 +20,7 @@ def _commands(grids, monkeypatch, name) -> list[list[str]]:
     return calls
 
 
-@pytest.mark.parametrize("name, arm, seed", [("ablation", "karma", 0), ("negatives", "all", 1),
+@pytest.mark.parametrize("name, arm, seed", [("ablation", "karma", 0), ("negatives", "all", 1), ("recipe", "text-karma", 2),
                                                   ("lr", "scale10", 2)])
 def test_run_repeats_the_committed_commands(grids, monkeypatch, name, arm, seed):
     """Each committed result regenerates from the script: same arguments, data path aside."""
