@@ -114,8 +114,9 @@ def test_text_karma_with_a_bpe_tokenizer(items, cache_dir):
 def test_text_karma_config_errors(cache_dir):
     with pytest.raises(ConfigError, match="model.history_text_items"):
         tiny_cfg(cache_dir, "model.history_item_tokens=false")
-    with pytest.raises(ConfigError, match="model.history_text_tokens"):
-        tiny_cfg(cache_dir, "model.history_text_tokens=16")  # tiny.yaml's text is 16 tokens with EOS
+    with pytest.raises(ConfigError, match="model.history_text_tokens"):  # tiny.yaml's text: 16 tokens with EOS
+        tiny_cfg(cache_dir, "model.history_text_items=2", "model.history_text_tokens=16")
+    tiny_cfg(cache_dir, "data.text_max_tokens=4")  # titles off: their token budget is not checked
     with pytest.raises(ConfigError, match="model.dropout"):
         tiny_cfg(cache_dir, "model.dropout=1.0")
     with pytest.raises(ConfigError, match="train.bucket_batches"):

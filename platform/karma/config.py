@@ -279,7 +279,7 @@ def _validate(cfg: Config) -> Config:
     need(cfg.model.id_init_std is None or cfg.model.id_init_std > 0,
          "model.id_init_std: must be > 0, or null for unit-norm ID vectors")
     need(cfg.model.history_text_items >= 0, "model.history_text_items: must be >= 0 (0 = no history titles)")
-    need(1 <= cfg.model.history_text_tokens < cfg.data.text_max_tokens,
+    need(not cfg.model.history_text_items or 1 <= cfg.model.history_text_tokens < cfg.data.text_max_tokens,
          f"model.history_text_tokens: must be in [1, data.text_max_tokens={cfg.data.text_max_tokens}) "
          "(titles are cut from the item text, which ends in EOS)")
     need(cfg.model.history_item_tokens or cfg.model.history_text_items > 0,
