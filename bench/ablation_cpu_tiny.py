@@ -10,6 +10,8 @@ measured, and each arm's paired difference from the grid's baseline arm.
 - `recipe`: the CPU recipe (configs/karma-scientific.yaml: trained to convergence with early
   stopping on validation NDCG@10 over all validation users, test metrics of the best epoch), arms
   action-only, KARMA and text KARMA (titles of the last 5 history items in the prompt).
+- `recipe-wide`: the recipe's lead, action-only and KARMA with a full softmax, a 64-wide model and
+  dropout 0.1.
 - `lr`: SmolLM2's schedule (batch 128, lr 3e-4, 100 warm-up steps, 1,024 negatives, one epoch)
   with the parts KARMA adds to the backbone at 1x, 10x or 30x that learning rate.
 
@@ -78,6 +80,13 @@ GRIDS = {
         "text-karma": ("loss.w_gen=0.5", "loss.w_rec=0.5", "model.history_text_items=5")},
         baseline="action-only", epochs=40, analysis_examples=512, config="configs/karma-scientific.yaml",
         eval_users=0),
+    # The recipe's lead (one seed so far): a full softmax, a 64-wide model and dropout 0.1.
+    "recipe-wide": Grid("recipe_wide_scientific", {
+        "action-only": ("loss.w_gen=0.0", "loss.w_rec=0.0"),
+        "karma": ("loss.w_gen=0.5", "loss.w_rec=0.5")},
+        baseline="action-only", epochs=40, analysis_examples=512, config="configs/karma-scientific.yaml",
+        eval_users=0, extra=("loss.negatives=all", "model.tiny_hidden=64", "model.embed_dim=64", "model.id_dim=64",
+                             "model.tiny_intermediate=128", "model.dropout=0.1")),
 }
 # (title, section of the result JSON, metrics)
 TABLES = (
