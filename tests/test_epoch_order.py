@@ -25,13 +25,14 @@ def train(cache_dir):
 def test_each_epoch_is_a_fresh_permutation_split_across_workers(train):
     _, examples = train
     n = len(examples)
+    lengths = examples["history"].map(len).to_numpy()
     micro = n // (B * WORLD)
-    ranks = [epoch_rows(n, B, WORLD, r, micro, seed=0, epoch=3) for r in range(WORLD)]
+    ranks = [epoch_rows(lengths, B, WORLD, r, micro, seed=0, epoch=3) for r in range(WORLD)]
     assert all(len(r) == micro * B for r in ranks)
     assert len(np.unique(np.concatenate(ranks))) == WORLD * micro * B  # no row twice in an epoch
-    np.testing.assert_array_equal(ranks[0], epoch_rows(n, B, WORLD, 0, micro, seed=0, epoch=3))
-    assert not np.array_equal(ranks[0], epoch_rows(n, B, WORLD, 0, micro, seed=0, epoch=4))
-    assert not np.array_equal(ranks[0], epoch_rows(n, B, WORLD, 0, micro, seed=1, epoch=3))
+    np.testing.assert_array_equal(ranks[0], epoch_rows(lengths, B, WORLD, 0, micro, seed=0, epoch=3))
+    assert not np.array_equal(ranks[0], epoch_rows(lengths, B, WORLD, 0, micro, seed=0, epoch=4))
+    assert not np.array_equal(ranks[0], epoch_rows(lengths, B, WORLD, 0, micro, seed=1, epoch=3))
 
 
 def test_a_batch_holds_same_user_rows_only_by_chance(train):

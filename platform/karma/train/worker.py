@@ -68,15 +68,14 @@ def distributed_interests(engine, examples: pd.DataFrame, tok, cfg: Config, devi
     return z[:n].cpu()  # padding repeated the first rows: drop it
 
 
-def epoch_rows(history_lengths: np.ndarray | int, batch_size: int, world: int, rank: int, micro_batches: int,
+def epoch_rows(history_lengths: np.ndarray, batch_size: int, world: int, rank: int, micro_batches: int,
                seed: int, epoch: int, bucket_batches: int = 0) -> np.ndarray:
     """This worker's example rows for one epoch, in training order: the plain loop's epoch order
     (`karma.data.epoch_order`: a fresh permutation for each (seed, epoch), optionally bucketed by
     history length) cut into global batches of world x batch_size rows, of which each worker takes
     its own slice. The same after a restart, so a resumed epoch skips exactly the batches consumed
-    before it. An int stands for that many examples of equal length."""
-    lengths = np.zeros(history_lengths, np.int64) if isinstance(history_lengths, int) else history_lengths
-    order = epoch_order(lengths, world * batch_size, np.random.default_rng([seed, epoch]), bucket_batches)
+    before it."""
+    order = epoch_order(history_lengths, world * batch_size, np.random.default_rng([seed, epoch]), bucket_batches)
     return order[: micro_batches * world * batch_size].reshape(micro_batches, world, batch_size)[:, rank].reshape(-1)
 
 
