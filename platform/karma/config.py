@@ -114,7 +114,9 @@ class TrainConfig:
     warmup_steps: int = 20
     grad_clip: float = 1.0
     grad_accum: int = 1
-    eval_every_epoch: bool = True
+    # Ray job: also checkpoint every N optimizer steps inside an epoch (0 = at epoch ends only),
+    # so a failure late in a long epoch resumes there instead of at the epoch's start
+    checkpoint_every_steps: int = 0
     eval_max_users: int = 2000  # validation examples scored each epoch (0 = all)
     analysis_examples: int = 256  # examples for sink / collapse / fidelity analyses
     ks: list[int] = field(default_factory=lambda: [10, 50, 200])
@@ -307,6 +309,8 @@ def _validate(cfg: Config) -> Config:
     need(cfg.train.grad_accum >= 1, "train.grad_accum: must be at least 1")
     need(cfg.train.bucket_batches >= 0, "train.bucket_batches: must be >= 0 (0 = no length bucketing)")
     need(cfg.train.early_stop_patience >= 0, "train.early_stop_patience: must be >= 0 (0 = never stop early)")
+    need(cfg.train.checkpoint_every_steps >= 0,
+         "train.checkpoint_every_steps: must be >= 0 (0 = checkpoint at epoch ends only)")
     need(len(cfg.train.ks) > 0 and all(k >= 1 for k in cfg.train.ks), "train.ks: give cut-offs >= 1, e.g. [10, 50, 200]")
     need(cfg.data.max_history >= 1, "data.max_history: must be at least 1")
     need(cfg.data.text_max_tokens >= 2, "data.text_max_tokens: must be at least 2")
