@@ -16,10 +16,10 @@ def test_shipped_configs_load(name):
 
 
 def test_overrides_parse_types():
-    cfg = load_config(None, ["train.lr=3e-4", "train.batch_size=16", "model.lora=true", "train.ks=[5,20]",
+    cfg = load_config(None, ["train.lr=3e-4", "train.batch_size=16", "model.lora=true", "train.ks=[5,10,20]",
                              "data.path=/tmp/x.y", "model.backbone=smollm2"])
     assert cfg.train.lr == pytest.approx(3e-4) and cfg.train.batch_size == 16 and cfg.model.lora is True
-    assert cfg.train.ks == [5, 20] and cfg.data.path == "/tmp/x.y" and cfg.model.backbone == "smollm2"
+    assert cfg.train.ks == [5, 10, 20] and cfg.data.path == "/tmp/x.y" and cfg.model.backbone == "smollm2"
     assert parse_override("loss.w_gen=0") == (["loss", "w_gen"], 0)
 
 
@@ -39,6 +39,9 @@ def test_overrides_parse_types():
     (["data.split=time"], "data.valid_start / data.test_start"),
     (["model.lora=maybe"], "model.lora: expected true or false"),
     (["train.lr"], "write it as section.key=value"),
+    # NDCG@10 selects the best epoch: without K=10 training would crash after its first epoch.
+    (["train.ks=[5,20]"], "train.ks: [5, 20] lacks 10; validation NDCG@10 picks the best epoch and drives early "
+                          "stopping, so add it, e.g. train.ks=[5,10,20]"),
 ])
 def test_bad_values_name_the_key(overrides, needle):
     with pytest.raises(ConfigError) as err:

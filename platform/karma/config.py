@@ -119,6 +119,7 @@ class TrainConfig:
     checkpoint_every_steps: int = 0
     eval_max_users: int = 2000  # validation examples scored each epoch (0 = all)
     analysis_examples: int = 256  # examples for sink / collapse / fidelity analyses
+    # Cut-offs K of HR@K / NDCG@K; must hold 10 (validation NDCG@10 selects the best epoch)
     ks: list[int] = field(default_factory=lambda: [10, 50, 200])
     log_every: int = 50  # progress line every N steps (0 = quiet)
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -312,6 +313,9 @@ def _validate(cfg: Config) -> Config:
     need(cfg.train.checkpoint_every_steps >= 0,
          "train.checkpoint_every_steps: must be >= 0 (0 = checkpoint at epoch ends only)")
     need(len(cfg.train.ks) > 0 and all(k >= 1 for k in cfg.train.ks), "train.ks: give cut-offs >= 1, e.g. [10, 50, 200]")
+    need(10 in cfg.train.ks,
+         f"train.ks: {cfg.train.ks} lacks 10; validation NDCG@10 picks the best epoch and drives early stopping, "
+         "so add it, e.g. train.ks=[" + ",".join(map(str, sorted({10, *cfg.train.ks}))) + "]")
     need(cfg.data.max_history >= 1, "data.max_history: must be at least 1")
     need(cfg.data.text_max_tokens >= 2, "data.text_max_tokens: must be at least 2")
     if cfg.data.source != "synthetic":
