@@ -151,6 +151,31 @@ def test_recbole_bad_and_missing_files(tmp_path):
     assert load_source("recbole", str(tmp_path), name="Sci").n_users == 2
 
 
+@pytest.mark.parametrize("split", ["train", "valid", "test"])
+@pytest.mark.parametrize("content", ["", INTER_HEADER], ids=["empty", "header-only"])
+def test_recbole_empty_inter_file_is_named(tmp_path, split, content):
+    # Before: an empty train/valid file read as "the .inter files disagree", an empty test file
+    # silently made the valid rows the test targets, and all three empty raised a bare ValueError.
+    write_tiny_recbole(tmp_path)
+    write(tmp_path / f"Sci.{split}.inter", content)
+    with pytest.raises(DataError) as err:
+        read_recbole(tmp_path, name="Sci")
+    assert str(err.value).startswith(f"{tmp_path / f'Sci.{split}.inter'}: no interaction rows (the file is empty "
+                                     "or holds only its header)")
+
+
+def test_recbole_all_inter_files_empty_and_empty_item_index(tmp_path):
+    write_tiny_recbole(tmp_path)
+    for split in ("train", "valid", "test"):
+        write(tmp_path / f"Sci.{split}.inter", "")
+    with pytest.raises(DataError, match=r"Sci.train.inter: no interaction rows"):
+        read_recbole(tmp_path, name="Sci")
+    write_tiny_recbole(tmp_path)
+    write(tmp_path / "Sci.item2index", "")
+    with pytest.raises(DataError, match=r"Sci.item2index: no 'ASIN<TAB>index' lines"):
+        read_recbole(tmp_path, name="Sci")
+
+
 # ---------------------------------------------------------------- MovieLens-100K
 
 ML_ITEMS = [  # id | title | release | video release | url | 19 genre flags
@@ -215,4 +240,12 @@ def test_read_movielens_errors(tmp_path):
         read_movielens(tmp_path)
     (tmp_path / "u.item").unlink()
     with pytest.raises(DataError, match="u.item: file not found"):
+        read_movielens(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["u.data", "u.item", "u.user"])
+def test_read_movielens_empty_file_is_named(tmp_path, name):
+    write_movielens(tmp_path)
+    write(tmp_path / name, "")
+    with pytest.raises(DataError, match=rf"{name}: the file is empty; MovieLens-100K's"):
         read_movielens(tmp_path)

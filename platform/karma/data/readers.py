@@ -52,17 +52,27 @@ def write_parquet(data: InteractionData, directory: str | Path) -> Path:
     return out
 
 
+def _read_table(path: Path) -> pd.DataFrame:
+    """One Parquet file as a DataFrame; a file Arrow cannot read is a DataError naming it."""
+    try:
+        return pq.read_table(path).to_pandas()
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"{path}: not a readable Parquet file ({type(err).__name__}: {err}); it may be truncated, "
+                        "empty or another format under a .parquet name - write it again with "
+                        "karma.data.write_parquet or pandas.DataFrame.to_parquet") from None
+
+
 def read_parquet(directory: str | Path) -> InteractionData:
     """Read and validate a canonical Parquet data set directory."""
     d = Path(directory)
     for f in ("items.parquet", "events.parquet"):
         if not (d / f).is_file():
             raise DataError(f"{d / f}: file not found; a data set directory needs items.parquet and events.parquet")
-    items = validate_items(pq.read_table(d / "items.parquet").to_pandas(), str(d / "items.parquet"))
-    events = validate_events(pq.read_table(d / "events.parquet").to_pandas(), items, str(d / "events.parquet"))
+    items = validate_items(_read_table(d / "items.parquet"), str(d / "items.parquet"))
+    events = validate_events(_read_table(d / "events.parquet"), items, str(d / "events.parquet"))
     users = None
     if (d / "users.parquet").is_file():
-        users = validate_users(pq.read_table(d / "users.parquet").to_pandas(), str(d / "users.parquet"))
+        users = validate_users(_read_table(d / "users.parquet"), str(d / "users.parquet"))
     return InteractionData(items=items, events=events, users=users, name=d.name)
 
 
@@ -90,7 +100,7 @@ def _read_pairs(path: Path) -> list[tuple[str, int]]:
 
 
 def _read_inter(path: Path) -> list[tuple[int, list[int], int]]:
-    """`user<TAB>space-separated history<TAB>target` lines after a header."""
+    """`user<TAB>space-separated history<TAB>target` lines after a header; at least one."""
     rows = []
     with open(path, encoding="utf-8") as f:
         next(f, None)
@@ -105,6 +115,10 @@ def _read_inter(path: Path) -> list[tuple[int, list[int], int]]:
             except ValueError:
                 raise DataError(f"{path}:{n}: expected 'user<TAB>item item ...<TAB>item' "
                                 f"with integer indices, got {line.strip()[:80]!r}") from None
+    if not rows:
+        raise DataError(f"{path}: no interaction rows (the file is empty or holds only its header); every "
+                        ".inter file needs 'user<TAB>history<TAB>target' rows - regenerate the train/valid/test "
+                        "files together from the same preprocessing run")
     return rows
 
 
@@ -167,6 +181,9 @@ def read_recbole(path: str | Path, name: str = "Scientific") -> InteractionData:
     the user's sequence, rebuilt from the train/valid/test windows."""
     d = Path(path)
     index = _read_pairs(_need(d / f"{name}.item2index"))
+    if not index:
+        raise DataError(f"{d / f'{name}.item2index'}: no 'ASIN<TAB>index' lines; the file lists every item of "
+                        "the data set - regenerate it with the .inter files")
     texts: dict[str, str] = {}
     with open(_need(d / f"{name}.text"), encoding="utf-8") as f:
         next(f, None)
@@ -222,8 +239,12 @@ GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy",
 def _read_psv(path: Path, sep: str, ncols: int, names: list[str]) -> pd.DataFrame:
     if not path.is_file():
         raise DataError(f"{path}: file not found; MovieLens-100K needs u.data, u.item and u.user")
-    df = pd.read_csv(path, sep=sep, header=None, encoding="latin-1", quoting=csv.QUOTE_NONE,
-                     dtype=str, keep_default_na=False)
+    try:
+        df = pd.read_csv(path, sep=sep, header=None, encoding="latin-1", quoting=csv.QUOTE_NONE,
+                         dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: the file is empty; MovieLens-100K's u.data, u.item and u.user each hold one "
+                        "record per line - copy them again from the unpacked ml-100k folder") from None
     if df.shape[1] != ncols:
         raise DataError(f"{path}: expected {ncols} '{sep}'-separated fields per line, found {df.shape[1]}; "
                         "is this the raw MovieLens-100K file?")
