@@ -1,5 +1,7 @@
 """Schema validation, Parquet round trip, splits and example batching."""
 
+import re
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -190,6 +192,20 @@ def test_read_parquet_validates(tmp_path):
         read_parquet(tmp_path / "nowhere")
 
 
+@pytest.mark.parametrize("name", ["items.parquet", "events.parquet", "users.parquet"])
+@pytest.mark.parametrize("damage", ["not parquet", "truncated", "empty"])
+def test_unreadable_parquet_file_is_a_data_error_naming_it(tmp_path, data, name, damage):
+    write_parquet(InteractionData(data.items, data.events, pd.DataFrame({"user_id": [1, 2, 3]})), tmp_path)
+    f = tmp_path / name
+    whole = f.read_bytes()
+    f.write_bytes({"not parquet": b"user_id,item_id,ts\n1,10,1\n", "truncated": whole[: len(whole) // 2],
+                   "empty": b""}[damage])
+    with pytest.raises(DataError) as err:
+        read_parquet(tmp_path)
+    msg = str(err.value)
+    assert msg.startswith(f"{f}: not a readable Parquet file (ArrowInvalid: ") and "write it again" in msg
+
+
 def test_load_source_dispatch(tmp_path, data):
     valid = r"valid sources: \['synthetic', 'recbole', 'movielens', 'parquet'\]"
     with pytest.raises(DataError, match=r"unknown data source 'csv'; " + valid):
@@ -227,6 +243,38 @@ def test_time_split_hand_computed(data):
     assert rows(sp.test) == [(2, [4, 0], 2), (3, [1], 3)]
     with pytest.raises(DataError, match=r"valid_start \(8\) must be <= test_start \(7\)"):
         time_split(data, valid_start=8, test_start=7)
+
+
+@pytest.mark.parametrize("valid_start, test_start, needle", [
+    # targets' ts: 2 3 4 | 6 7 | 9 (each user's first event is no target)
+    (7, 7, "the valid split is empty: no target has valid_start (7) <= ts < test_start (7)"),
+    (2, 4, "the train split is empty: no target has ts < valid_start (2)"),
+    (3, 10, "the test split is empty: no target has ts >= test_start (10)"),
+])
+def test_time_split_refuses_an_empty_split(data, valid_start, test_start, needle):
+    # Training scores the validation split every epoch: an empty one would crash after epoch 1.
+    with pytest.raises(DataError) as err:
+        time_split(data, valid_start=valid_start, test_start=test_start)
+    assert needle in str(err.value)
+    assert "targets' ts run from 2 to 9. Set data.valid_start and data.test_start" in str(err.value)
+
+
+def test_time_split_suggests_bounds_that_work():
+    d = generate(SyntheticConfig(n_users=60, n_items=50, n_categories=3, n_brands=4, seed=1))
+    late = int(d.events.ts.max()) + 1
+    with pytest.raises(DataError) as err:
+        time_split(d, late, late)
+    v, t = (int(x) for x in re.search(r"e.g. data.valid_start=(\d+) data.test_start=(\d+)", str(err.value)).groups())
+    sp = time_split(d, v, t)  # the suggestion gives every split targets
+    assert min(len(sp.train), len(sp.valid), len(sp.test)) > 0
+
+
+def test_leave_one_out_refuses_an_empty_split():
+    items = make_items()
+    two = pd.DataFrame({"user_id": [1, 1, 2, 2], "item_id": [10, 20, 30, 40], "ts": [1, 2, 1, 2]})
+    with pytest.raises(DataError, match=r"the train split is empty: it needs users with at least 4 events and "
+                                        r"the longest sequence has 2"):
+        leave_one_out(validate(InteractionData(items, two)))
 
 
 def test_time_split_has_no_leakage():
