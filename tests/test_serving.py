@@ -4,6 +4,9 @@ batched model path against the plain InferenceModel on a small real (untrained) 
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +32,7 @@ from karma.serving import (
     run_jobs,
     user_features,
 )
+from karma.tracking import RunTracker, _cache_root, export_dir_of, register_export
 
 R = 1 / math.sqrt(2)
 
@@ -225,3 +229,74 @@ def test_busy_wait_waits_only_while_batches_hold_several_requests() -> None:
         BusyWait(-1.0)
     with pytest.raises(ValueError, match="decay"):
         BusyWait(0.01, decay=1.0)
+
+
+# ---- the model cache (karma.tracking.export_dir_of, what replicas load versions through) -------
+
+CACHED = "karma-cache-test"
+
+
+@pytest.fixture(scope="module")
+def registry(export_dir, tmp_path_factory) -> str:
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    with RunTracker("serving-test", "cache", uri) as t:
+        assert register_export(t, export_dir, CACHED, "champion") == "1"
+    return uri
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_model_cache_is_private_and_per_user(registry, tmp_path, monkeypatch) -> None:
+    monkeypatch.delenv("KARMA_MODEL_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    root = tmp_path / "xdg" / "karma" / "models"
+    path = export_dir_of(CACHED, "champion", registry)
+    assert path.is_relative_to(root) and (path / "model.safetensors").is_file()
+    assert _mode(root) == 0o700
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert _cache_root() == tmp_path / "home" / ".cache" / "karma" / "models"
+    monkeypatch.setenv("KARMA_MODEL_CACHE", str(tmp_path / "mine"))
+    assert _cache_root() == tmp_path / "mine"
+
+
+def test_model_cache_does_not_follow_planted_links_or_markers(registry, tmp_path) -> None:
+    cache = tmp_path / "cache"
+    first = export_dir_of(CACHED, "1", registry, cache_dir=cache)
+    (entry,) = [p for p in cache.iterdir() if not p.name.startswith(".")]
+    marker = entry / ".karma-export-path"
+    planted = tmp_path / "planted"
+    (planted / "export").mkdir(parents=True)
+    (planted / "marker").write_text(str(planted / "export"))
+    # the marker swapped for a symlink to a file that names someone else's folder
+    marker.unlink()
+    marker.symlink_to(planted / "marker")
+    assert export_dir_of(CACHED, "1", registry, cache_dir=cache) == first
+    assert not marker.is_symlink() and (first / "model.safetensors").is_file()
+    # a plain marker that climbs out of its entry
+    marker.write_text("../../planted/export")
+    assert export_dir_of(CACHED, "1", registry, cache_dir=cache) == first
+    # the whole entry swapped for a symlink to a look-alike folder
+    shutil.copytree(entry, planted / "entry")
+    shutil.rmtree(entry)
+    entry.symlink_to(planted / "entry")
+    assert export_dir_of(CACHED, "1", registry, cache_dir=cache) == first
+    assert not entry.is_symlink() and entry.is_dir()
+
+
+def test_model_cache_owned_by_another_user_is_refused(registry, tmp_path) -> None:
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    if os.getuid() == 0:
+        os.chown(theirs, 65534, 65534)  # nobody
+    else:
+        theirs = Path("/")  # root's
+    with pytest.raises(PermissionError, match="KARMA_MODEL_CACHE"):
+        export_dir_of(CACHED, "1", registry, cache_dir=theirs)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    mine.chmod(0o777)  # ours, but open to others: tightened before use
+    export_dir_of(CACHED, "1", registry, cache_dir=mine)
+    assert _mode(mine) == 0o700

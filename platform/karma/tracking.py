@@ -484,9 +484,76 @@ def _model_version(client: MlflowClient, name: str, alias_or_version: str, track
         ) from e
 
 
+_MARKER = ".karma-export-path"
+
+
 def _cache_root() -> Path:
-    env = os.environ.get("KARMA_MODEL_CACHE")
-    return Path(env) if env else Path(tempfile.gettempdir()) / "karma-model-cache"
+    """The model cache: $KARMA_MODEL_CACHE, else $XDG_CACHE_HOME/karma/models, else
+    ~/.cache/karma/models. Per user, never a shared predictable path such as /tmp."""
+    env = os.environ.get("KARMA_MODEL_CACHE", "").strip()
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME", "").strip()
+    base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".cache"  # XDG: relative = unset
+    return base / "karma" / "models"
+
+
+def _private_cache_dir(path: Path) -> Path:
+    """`path` created 0700 if missing; refused when it is not a folder or another user owns it
+    (whoever owns it could plant a model there); a folder of ours open to others becomes 0700."""
+    import stat
+
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = path.stat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        raise PermissionError(
+            f"model cache {str(path)!r} is not a folder owned by this user (uid {os.getuid()}); "
+            "set KARMA_MODEL_CACHE to a private folder of yours"
+        )
+    if st.st_mode & 0o077:
+        path.chmod(0o700)
+    return path
+
+
+def _cached_export(entry: Path) -> Path | None:
+    """The export folder of a finished cache entry, or None when the entry is missing or not to
+    be trusted: a symlink, owned by another user, or a marker that is a symlink, not a plain
+    file, or points outside the entry."""
+    import stat
+
+    uid = os.getuid()
+    try:
+        st = os.lstat(entry)
+        marker = entry / _MARKER
+        mst = os.lstat(marker)
+    except FileNotFoundError:
+        return None
+    if not (stat.S_ISDIR(st.st_mode) and st.st_uid == uid and stat.S_ISREG(mst.st_mode) and mst.st_uid == uid):
+        return None
+    try:
+        fd = os.open(marker, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return None
+    with os.fdopen(fd) as f:
+        rel = Path(f.read(4096).strip())
+    if not rel.parts or rel.is_absolute() or ".." in rel.parts:
+        return None
+    export = entry / rel
+    if not export.is_dir() or not export.resolve().is_relative_to(entry.resolve()):
+        return None
+    return export
+
+
+def _discard(entry: Path) -> None:
+    """Remove an untrusted cache entry (a symlink is removed, never followed)."""
+    import logging
+
+    logging.getLogger(__name__).warning("model cache entry %s is not trusted (symlink, other owner or "
+                                        "bad marker); downloading the version again", entry)
+    if entry.is_symlink() or not entry.is_dir():
+        entry.unlink()
+    else:
+        shutil.rmtree(entry)
 
 
 def export_dir_of(
@@ -498,36 +565,43 @@ def export_dir_of(
     """Download the export files of a model version (by alias or number); return their folder.
 
     Versions are immutable, so each is downloaded once into `cache_dir` (default
-    $KARMA_MODEL_CACHE, else <tmp>/karma-model-cache) and reused afterwards.
+    $KARMA_MODEL_CACHE, else $XDG_CACHE_HOME/karma/models, else ~/.cache/karma/models; a
+    folder private to the user, see `_private_cache_dir`) and reused afterwards. A cache entry
+    that is not to be trusted (`_cached_export`) is replaced by a fresh download.
     """
     client = _client(tracking_uri)
     mv = _model_version(client, registered_name, alias_or_version, tracking_uri)
-    root = Path(cache_dir) if cache_dir else _cache_root()
-    root.mkdir(parents=True, exist_ok=True)
+    root = _private_cache_dir(Path(cache_dir).expanduser() if cache_dir else _cache_root())
     key = hashlib.sha1(f"{tracking_uri}|{registered_name}|{mv.version}|{mv.source}".encode())
     target = root / f"{_slug(registered_name)}-v{mv.version}-{key.hexdigest()[:10]}"
-    marker = target / ".karma-export-path"
-    if not marker.is_file():
-        staging = Path(tempfile.mkdtemp(prefix=".dl-", dir=root))
-        # MLflow resolves models:/ URIs against the process-global registry, whatever is passed.
-        set_global_uris(tracking_uri)
+    export = _cached_export(target)
+    if export is not None:
+        return export
+    if os.path.lexists(target):
+        _discard(target)
+    staging = Path(tempfile.mkdtemp(prefix=".dl-", dir=root))
+    # MLflow resolves models:/ URIs against the process-global registry, whatever is passed.
+    set_global_uris(tracking_uri)
+    try:
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{registered_name}/{mv.version}",
+            dst_path=str(staging),
+            tracking_uri=tracking_uri,
+            registry_uri=tracking_uri,
+        )
+        rel = _export_subpath(Path(local))
+        (staging / _MARKER).write_text(str((Path(local) / rel).relative_to(staging)))
         try:
-            local = mlflow.artifacts.download_artifacts(
-                artifact_uri=f"models:/{registered_name}/{mv.version}",
-                dst_path=str(staging),
-                tracking_uri=tracking_uri,
-                registry_uri=tracking_uri,
-            )
-            rel = _export_subpath(Path(local))
-            (staging / marker.name).write_text(str((Path(local) / rel).relative_to(staging)))
-            try:
-                staging.rename(target)  # atomic; a concurrent downloader may have won
-            except OSError:
-                if not marker.is_file():
-                    raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    return target / marker.read_text().strip()
+            staging.rename(target)  # atomic; a concurrent downloader may have won
+        except OSError:
+            if _cached_export(target) is None:
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    export = _cached_export(target)
+    if export is None:
+        raise RuntimeError(f"model cache entry {target} was replaced while it was being filled; retry")
+    return export
 
 
 def _export_subpath(model_dir: Path) -> str:
