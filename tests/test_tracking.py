@@ -87,9 +87,8 @@ def test_params_metrics_artifacts_and_status(uri: str, store: Path, tmp_path: Pa
             tr.log_params({"train": {"lr": 0.02}})
         for step in range(3):
             logged = tr.log_metrics({"loss": 1.0 / (step + 1), "HR@10": np.float32(0.1 * step),
-                                     "bad": float("nan"), "inf": math.inf, "text": "x",
-                                     "flag": True}, step=step)
-            assert set(logged) == {"loss", "HR_at_10"}
+                                     "text": "x", "flag": True}, step=step)
+            assert set(logged) == {"loss", "HR_at_10"}  # non-numbers are left out
         tr.log_dict({"a": 1}, "cfg/config.json")
         tr.log_text("hello", "notes.txt")
         (tmp_path / "f.txt").write_text("file")
@@ -108,12 +107,27 @@ def test_params_metrics_artifacts_and_status(uri: str, store: Path, tmp_path: Pa
     history = client.get_metric_history(run_id, "loss")
     assert [(m.step, round(m.value, 4)) for m in history] == [(0, 1.0), (1, 0.5), (2, 0.3333)]
     assert [m.step for m in client.get_metric_history(run_id, "HR_at_10")] == [0, 1, 2]
-    assert "bad" not in run.data.metrics and "text" not in run.data.metrics
+    assert "text" not in run.data.metrics and "flag" not in run.data.metrics
     names = {a.path for a in client.list_artifacts(run_id)}
     assert {"cfg", "notes.txt", "files", "plots"} <= names
     # Artifacts sit next to the sqlite file, not in the current directory.
     assert not (tmp_path / "mlruns").exists()
     assert (store / "mlartifacts").is_dir()
+
+
+def test_nan_and_inf_metrics_reach_mlflow(uri: str) -> None:
+    """A diverging loss must be visible in MLflow, not silently missing from the curve."""
+    with RunTracker("exp", "job-nan", uri) as tr:
+        logged = tr.log_metrics({"loss": float("nan"), "grad_norm": math.inf, "neg": -math.inf,
+                                 "t": np.float32("nan")}, step=3)
+        assert set(logged) == {"loss", "grad_norm", "neg", "t"}
+    client = MlflowClient(uri)
+    [loss] = client.get_metric_history(tr.run_id, "loss")
+    assert loss.step == 3 and math.isnan(loss.value)
+    assert math.isnan(client.get_metric_history(tr.run_id, "t")[0].value)
+    # MLflow's SQL store keeps NaN and stores +-inf as the largest float
+    assert client.get_metric_history(tr.run_id, "grad_norm")[0].value >= 1.7e308
+    assert client.get_metric_history(tr.run_id, "neg")[0].value <= -1.7e308
 
 
 def test_failed_block_marks_run_failed(uri: str) -> None:

@@ -160,6 +160,32 @@ def _as_float(value: Any) -> float | None:
     return f if math.isfinite(f) else None
 
 
+def _metric_value(value: Any) -> float | None:
+    """A float for any real number, NaN and +-inf included (a diverging loss must show in
+    MLflow); None for non-numbers (bools, strings, arrays)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):  # 0-d numpy / torch
+        item = value.item()
+        if isinstance(item, bool) or not isinstance(item, numbers.Real):
+            return None
+        return float(item)
+    return None
+
+
+def _metric_items(metrics: Mapping[str, Any], step: int) -> list[Metric]:
+    """MLflow metrics at `step`, stamped now; keys made legal, non-numbers left out."""
+    now = int(time.time() * 1000)
+    kept: dict[str, float] = {}
+    for key, value in metrics.items():
+        f = _metric_value(value)
+        if f is not None:
+            kept[mlflow_key(key)] = f
+    return [Metric(k, v, now, int(step)) for k, v in kept.items()]
+
+
 def set_global_uris(tracking_uri: str) -> None:
     """Point MLflow's process-global tracking and registry URIs at `tracking_uri`.
 
@@ -276,19 +302,14 @@ class RunTracker:
         return new
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int) -> dict[str, float]:
-        """Log finite numeric values at `step`; non-numbers and NaN/inf are dropped.
+        """Log numeric values at `step`, NaN and +-inf included (MLflow's SQL stores keep NaN
+        and store +-inf as +-1.8e308, the largest float); non-numbers are left out.
 
         Returns what was logged (keys as stored in MLflow)."""
-        now = int(time.time() * 1000)
-        kept: dict[str, float] = {}
-        for key, value in metrics.items():
-            f = _as_float(value)
-            if f is not None:
-                kept[mlflow_key(key)] = f
-        items = [Metric(k, v, now, int(step)) for k, v in kept.items()]
+        items = _metric_items(metrics, step)
         for i in range(0, len(items), _METRICS_PER_BATCH):
             self.client.log_batch(self._run_id, metrics=items[i : i + _METRICS_PER_BATCH])
-        return kept
+        return {m.key: m.value for m in items}
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Log a file, or a folder's contents, under `artifact_path`."""
