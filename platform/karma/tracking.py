@@ -92,6 +92,10 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
+def _scheme(uri: str) -> str:
+    return uri.split("://", 1)[0].lower() if "://" in uri else ""
+
+
 def _client(tracking_uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
@@ -717,12 +721,189 @@ def promote_if_better(
     }
 
 
+# Errors that no retry can fix (a bad key or value, a deleted run): the batch is given up.
+_PERMANENT_ERRORS = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "INVALID_STATE", "BAD_REQUEST",
+                     "PERMISSION_DENIED", "UNAUTHENTICATED"}
+
+
+class _Rejected(Exception):
+    """The store refused a batch for good (4xx other than 408/429)."""
+
+
 class RunLogger:
     """Metrics into an existing run by id: what rank 0 of a training job uses, while the
-    driver owns the run (creates, tags and closes it)."""
+    driver owns the run (creates, tags and closes it).
 
-    def __init__(self, tracking_uri: str, run_id: str) -> None:
+    `log_metrics` only queues: it never waits on the network and never raises, so a tracking
+    server that is down or slow costs the training loop nothing. A background thread sends the
+    queue in batches and retries failed sends with exponential backoff (`retry_initial_s`
+    doubling up to `retry_max_s`), so what was logged during an outage arrives once the server
+    is back. `close` sends what is left, waiting at most `close_timeout_s`, and reports in the
+    log how many values could not be delivered: still queued at the deadline, refused by the
+    store (a bad key, a deleted run), or beyond `max_queue` values waiting during a long outage.
+    Against an HTTP server every attempt is one request bounded by `request_timeout_s` (MLflow's
+    own minutes-long retry loop is bypassed); the thread does the retrying.
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str, *, close_timeout_s: float = 60.0,
+                 max_queue: int = 200_000, retry_initial_s: float = 0.5, retry_max_s: float = 10.0,
+                 request_timeout_s: float = 10.0, log: Any = None) -> None:
+        import collections
+        import logging
+
+        self.tracking_uri = tracking_uri
         self.client = _client(tracking_uri)
         self._run_id = run_id
+        self._close_timeout_s = close_timeout_s
+        self._max_queue = max_queue
+        self._retry = (retry_initial_s, retry_max_s)
+        self._request_timeout_s = request_timeout_s
+        self._log = log or logging.getLogger("karma.tracking").warning
+        self._rest = None
+        if _scheme(tracking_uri) in ("http", "https"):
+            from mlflow.protos.service_pb2 import LogBatch
+            from mlflow.store.tracking.rest_store import RestStore
 
-    log_metrics = RunTracker.log_metrics
+            store = self.client._tracking_client.store
+            if isinstance(store, RestStore):
+                self._rest = (store, RestStore._METHOD_TO_INFO[LogBatch][0])
+        self._queue: collections.deque[Metric] = collections.deque()
+        self._cond = threading.Condition()
+        self._closing = False
+        self._deadline = math.inf
+        self.delivered = 0  # values the store accepted
+        self.rejected = 0  # values the store refused for good
+        self.overflowed = 0  # values not queued (queue full, logger closed, unusable input)
+        self.failed_attempts = 0  # sends that failed and were retried
+        self._thread = threading.Thread(target=self._send_loop, name=f"mlflow-metrics-{run_id[:8]}", daemon=True)
+        self._thread.start()
+
+    # ---- the training side: never blocks on the network, never raises
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int) -> dict[str, float]:
+        """Queue numeric values at `step` (NaN/inf included, non-numbers left out); returns
+        what was queued (keys as stored in MLflow)."""
+        try:
+            items = _metric_items(metrics, step)
+        except Exception as err:  # noqa: BLE001 -- logging must never stop training
+            self._note_overflow(len(metrics), f"unusable metrics at step {step}: {err!r}")
+            return {}
+        with self._cond:
+            if self._closing:
+                self._note_overflow(len(items), "log_metrics after close")
+                return {}
+            room = self._max_queue - len(self._queue)
+            if room < len(items):
+                self._note_overflow(len(items) - max(room, 0), f"more than {self._max_queue} values waiting "
+                                    "for the tracking server")
+                items = items[: max(room, 0)]
+            self._queue.extend(items)
+            self._cond.notify_all()
+        return {m.key: m.value for m in items}
+
+    def _note_overflow(self, n: int, why: str) -> None:
+        if self.overflowed == 0:
+            self._log(f"RunLogger: dropping metric values for run {self._run_id}: {why} (counted; more "
+                      "drops are reported at close)")
+        self.overflowed += n
+
+    # ---- the sender thread
+
+    def _send(self, batch: list[Metric]) -> None:
+        if self._rest is None:
+            try:
+                self.client.log_batch(self._run_id, metrics=batch)
+            except MlflowException as err:
+                if err.error_code in _PERMANENT_ERRORS:
+                    raise _Rejected(str(err)) from err
+                raise
+            return
+        from mlflow.protos.service_pb2 import LogBatch
+        from mlflow.utils.proto_json_utils import message_to_json
+        from mlflow.utils.rest_utils import http_request
+
+        store, endpoint = self._rest
+        body = json.loads(message_to_json(LogBatch(run_id=self._run_id, metrics=[m.to_proto() for m in batch])))
+        response = http_request(store.get_host_creds(), endpoint, "POST", max_retries=0, backoff_factor=0,
+                                timeout=self._request_timeout_s, json=body)
+        code = response.status_code
+        if code == 200:
+            return
+        if 400 <= code < 500 and code not in (408, 429):
+            raise _Rejected(f"HTTP {code}: {response.text[:300]}")
+        raise ConnectionError(f"HTTP {code}: {response.text[:300]}")
+
+    def _send_loop(self) -> None:
+        delay = self._retry[0]
+        while True:
+            with self._cond:
+                while not self._queue and not self._closing:
+                    self._cond.wait()
+                if not self._queue or time.monotonic() >= self._deadline:
+                    return
+                batch = [self._queue[i] for i in range(min(len(self._queue), _METRICS_PER_BATCH))]
+            try:
+                self._send(batch)
+            except _Rejected as err:
+                self._log(f"RunLogger: the tracking store refused {len(batch)} metric values for run "
+                          f"{self._run_id}; they are dropped: {err}")
+                self.rejected += len(batch)
+            except Exception as err:  # noqa: BLE001 -- an outage: keep the batch, try again later
+                if self.failed_attempts == 0 or delay >= self._retry[1]:
+                    self._log(f"RunLogger: sending metrics to {self.tracking_uri} failed ({err!r}); "
+                              f"{len(self._queue)} values queued, retrying in {delay:g}s")
+                self.failed_attempts += 1
+                with self._cond:
+                    self._cond.wait(min(delay, max(self._deadline - time.monotonic(), 0)))
+                delay = min(delay * 2, self._retry[1])
+                continue
+            else:
+                self.delivered += len(batch)
+                delay = self._retry[0]
+            with self._cond:
+                for _ in batch:  # only this thread removes from the left
+                    self._queue.popleft()
+                self._cond.notify_all()
+
+    # ---- the end
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until everything queued so far was sent (or refused); False on timeout."""
+        end = time.monotonic() + (self._close_timeout_s if timeout is None else timeout)
+        with self._cond:
+            while self._queue and self._thread.is_alive():
+                left = end - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(min(left, 0.5))
+            return not self._queue
+
+    @property
+    def pending(self) -> int:
+        return len(self._queue)
+
+    def close(self, timeout: float | None = None) -> int:
+        """Send what is queued, waiting at most `timeout` (default `close_timeout_s`) seconds;
+        log and return how many values were not delivered. A second call only reports."""
+        wait = self._close_timeout_s if timeout is None else timeout
+        with self._cond:
+            if not self._closing:
+                self._closing = True
+                self._deadline = time.monotonic() + wait
+            self._cond.notify_all()
+        self._thread.join(max(self._deadline - time.monotonic(), 0) + 1.0)
+        with self._cond:
+            unsent = len(self._queue)
+        lost = unsent + self.rejected + self.overflowed
+        if lost:
+            self._log(f"RunLogger: {lost} metric values for run {self._run_id} were not delivered to "
+                      f"{self.tracking_uri} ({unsent} still queued after {wait:g}s, {self.rejected} refused "
+                      f"by the store, {self.overflowed} dropped); {self.delivered} delivered")
+        return lost
+
+    def __enter__(self) -> RunLogger:
+        return self
+
+    def __exit__(self, *exc) -> Literal[False]:
+        self.close()
+        return False

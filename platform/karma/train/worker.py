@@ -216,6 +216,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 metrics = _finish(engine, state, best_weights, metrics, tok, cfg, items, valid, counts,
                                   data_dir, Path(tmp), device, rank, world, tracker, log)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    if tracker is not None:
+        tracker.close()  # send what is queued (bounded wait); report what could not be delivered
 
 
 def _finish(engine, state: dict, best_weights: dict | None, metrics: dict, tok, cfg: Config, items, valid, counts,
