@@ -33,7 +33,6 @@ from typing import Any, Literal
 
 import mlflow
 import mlflow.pyfunc
-import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import LoggedModelOutput, Metric, Param, RunTag, ViewType
 from mlflow.exceptions import MlflowException
@@ -363,33 +362,8 @@ class RunTracker:
         return False
 
 
-class KarmaPyfunc(mlflow.pyfunc.PythonModel):
-    """Pyfunc wrapper so an export folder is a real registry model version.
-
-    Input: a DataFrame with a "history" column of item-id lists and an optional "query"
-    column. Output: one flat list per row (the H interest embeddings of size d, row-major).
-    The `karma` package must be importable where the model is loaded.
-    """
-
-    def load_context(self, context) -> None:
-        from karma.export import load_export  # lazy: heavy, and only needed when loading
-
-        self._model = load_export(context.artifacts["export"])
-
-    # The DataFrame hint tells MLflow not to infer a schema (history cells are lists).
-    def predict(self, context, model_input: pd.DataFrame, params=None) -> list[list[float]]:
-        import numpy as np
-
-        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
-        if "history" not in frame.columns:
-            raise ValueError(
-                f"model input has columns {list(frame.columns)}; it needs a 'history' column "
-                "of item-id lists (and optionally 'query')"
-            )
-        histories = [[int(i) for i in h] for h in frame["history"]]
-        queries = [str(q) for q in frame["query"]] if "query" in frame.columns else None
-        interests = np.asarray(self._model.interests(histories, queries))
-        return [row.reshape(-1).tolist() for row in interests]
+# The registered model's code (MLflow "models from code"): logged by path, run at load time.
+PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 
 
 def _requirements() -> list[str]:
@@ -432,7 +406,7 @@ def register_export(
     )
     info = mlflow.pyfunc.log_model(
         name="model",
-        python_model=KarmaPyfunc(),
+        python_model=str(PYFUNC_CODE),  # a code file, not a pickled object
         artifacts={"export": str(export.resolve())},
         registered_model_name=registered_name,
         model_id=logged.model_id,
