@@ -65,3 +65,26 @@ def test_bad_files(tmp_path):
 def test_digest_changes_with_values():
     assert from_dict({}).digest() == from_dict({}).digest()
     assert from_dict({}).digest() != from_dict({"train": {"lr": 0.5}}).digest()
+
+
+def test_dotted_values_are_applied_typed_and_leave_the_base_alone():
+    base = load_config(None).to_dict()
+    cfg = from_dict(base, dotted={"loss.w_gen": 0.25, "model.head_reduce": "mixture", "train.ks": [10, 20]})
+    assert cfg.loss.w_gen == 0.25 and cfg.model.head_reduce == "mixture" and cfg.train.ks == [10, 20]
+    assert base["loss"]["w_gen"] == 0.5 and base["train"]["ks"] == [10, 50, 200]  # not changed
+    # Typed, not re-read as text: the string "true" is no boolean.
+    with pytest.raises(ConfigError, match="model.lora: expected true or false, got 'true'"):
+        from_dict(base, dotted={"model.lora": "true"})
+    with pytest.raises(ConfigError, match=r"^train.lr.x: lr is not a section$"):
+        from_dict(base, dotted={"train.lr.x": 1})
+    with pytest.raises(ConfigError, match=r"^override 'train.lr.x=1': lr is not a section$"):
+        from_dict(base, ["train.lr.x=1"])
+    with pytest.raises(ConfigError, match="unknown key"):
+        from_dict(base, dotted={"train.lrr": 1})
+
+
+def test_override_into_a_section_left_empty_in_yaml(tmp_path):
+    f = tmp_path / "empty_section.yaml"
+    f.write_text("train:\nloss:\n  w_gen: 0.1\n")
+    cfg = load_config(f, ["train.lr=0.5"])
+    assert cfg.train.lr == 0.5 and cfg.loss.w_gen == 0.1

@@ -346,16 +346,34 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return path, value
 
 
-def from_dict(values: dict[str, Any] | None = None, overrides: list[str] = ()) -> Config:
+def set_dotted(values: dict[str, Any], key: str, value: Any, where: str | None = None) -> None:
+    """Set `section.key` to `value` in a nested dict of config values, in place: the one place
+    where command-line overrides and a sweep's values are applied. `where` names the setting in
+    errors (default: the key); the result is checked when the dict is built into a Config."""
+    path = key.split(".")
+    if not all(part.strip() for part in path):
+        raise ConfigError(f"{where or key}: empty key part")
+    node = values
+    for part in path[:-1]:
+        child = node.get(part)
+        if child is None:  # an absent section, or one left empty in YAML ("train:")
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{where or key}: {part} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def from_dict(values: dict[str, Any] | None = None, overrides: list[str] = (),
+              dotted: dict[str, Any] | None = None) -> Config:
+    """Build and check a Config from plain values (not changed), then `overrides` as
+    `section.key=value` text, then `dotted` {"section.key": value} with typed values (a sweep's)."""
     values = json.loads(json.dumps(values or {}))  # deep copy of plain data
     for text in overrides:
         path, value = parse_override(text)
-        node = values
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {text!r}: {part} is not a section")
-        node[path[-1]] = value
+        set_dotted(values, ".".join(path), value, f"override {text!r}")
+    for key, value in (dotted or {}).items():
+        set_dotted(values, key, value)
     return _validate(_build(Config, values, ""))
 
 
