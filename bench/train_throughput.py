@@ -359,57 +359,37 @@ def profile_steps(step, batch: dict, dev: str, n: int) -> dict | None:
 
 
 def run_plain(spec: dict) -> dict:
-    from karma.optim import make_optimizer, make_scheduler
-    from karma.step import karma_losses
+    """The plain backend's step (karma.train.loop.PlainBackend: AdamW, clipping, schedule), timed."""
     from karma.train.engine import compile_model
+    from karma.train.loop import PlainBackend, train_step
 
     cfg = karma_config(spec)
-    dev = spec["device"]
+    dev = torch.device(spec["device"])
     model = build_model(spec, cfg)
+    backend = PlainBackend(model, cfg.train, spec["warmup"] + spec["steps"], dev, precision=spec["precision"])
     model.train()
-    cuda = dev == "cuda"
-    opt = make_optimizer(model, cfg.train, fused=cuda or None)
-    sched = make_scheduler(opt, cfg.train.warmup_steps, spec["warmup"] + spec["steps"])
     compiled = compile_model(model, cfg.dist)
     sampler = make_sampler(spec, cfg, dev)
-    params = [p for p in model.parameters() if p.requires_grad]
-    bf16 = spec["precision"] == "bf16"
-
-    def step(batch: dict) -> dict:
-        with torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16):
-            loss, parts = karma_losses(model, batch, cfg.loss, sampler)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        return parts
-
-    out = time_steps(step, make_batches(spec), spec, torch.device(dev))
+    out = time_steps(lambda batch: train_step(backend, batch, cfg.loss, sampler)[1], make_batches(spec), spec, dev)
     out["flops"] = flop_count(spec, model)
-    out["config"] = config_record(cfg, compiled, sampler, torch.device(dev))
+    out["config"] = config_record(cfg, compiled, sampler, dev)
     return out
 
 
 def run_deepspeed(spec: dict) -> dict:
-    """The DeepSpeed step exactly as karma.train.worker runs it, timed. Needs a process group."""
-    from karma.step import karma_losses
-    from karma.train.engine import gather_targets, make_engine, resolve_dist
+    """The DeepSpeed backend's step exactly as the Ray job's loop runs it, timed. Needs a process group."""
+    from karma.train.engine import make_engine, resolve_dist
+    from karma.train.loop import DeepSpeedBackend, train_step
 
     cfg = karma_config(spec)
     model = build_model(spec, cfg)
     flops = flop_count(spec, model)
     engine, _, _ = make_engine(model, cfg, 1, spec["warmup"] + spec["steps"])
     engine.train()
+    backend = DeepSpeedBackend(engine)
     sampler = make_sampler(spec, cfg, engine.device)
-
-    def step(batch: dict) -> dict:
-        loss, parts = karma_losses(engine.module, batch, cfg.loss, sampler, gather=gather_targets)
-        engine.backward(loss)
-        engine.step()
-        return parts
-
-    out = time_steps(step, make_batches(spec), spec, engine.device)
+    out = time_steps(lambda batch: train_step(backend, batch, cfg.loss, sampler)[1], make_batches(spec), spec,
+                     engine.device)
     out["flops"] = flops
     out["config"] = config_record(cfg, resolve_dist(cfg.dist).compile, sampler, engine.device)
     out["deepspeed_config"] = engine.config if isinstance(getattr(engine, "config", None), dict) else None

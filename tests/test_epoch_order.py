@@ -11,7 +11,7 @@ import torch
 
 from conftest import tiny_cfg
 from karma.pipeline import prepare
-from karma.train.worker import epoch_batches, epoch_rows
+from karma.train.loop import epoch_batches, epoch_rows
 
 B, WORLD = 32, 2
 

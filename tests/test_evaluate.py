@@ -2,7 +2,6 @@
 the attention read-out of one example is labelled position by position, and the Ray worker's
 eval report carries the breakdown."""
 
-from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -85,14 +84,15 @@ def test_semantic_analyses_report_the_uniform_reference(built, items):
     assert 0 <= report["sink_rate_first"] <= 1 and report["effective_rank"] >= 1 and len(pairs) == 8
 
 
-def test_worker_eval_report_has_the_tail(built, items):
-    from karma.train.worker import _evaluate
+def test_training_loop_eval_report_has_the_tail(built, items):
+    from karma.train.loop import PlainBackend, TrainData, Trainer
 
     model, tok = built
-    cfg = tiny_cfg("unused", "train.analysis_examples=0")
+    cfg = tiny_cfg("unused", "train.analysis_examples=0", "train.batch_size=8")
     valid = examples(40)
     counts = np.where(np.arange(30) < 10, 1, 20)
-    metrics = _evaluate(SimpleNamespace(module=model), valid, items, tok, cfg, "cpu", 0, 1, counts)
+    data = TrainData(train=valid, valid=valid, test=valid, items=items, counts=counts)
+    trainer = Trainer(PlainBackend(model, cfg.train, 1, torch.device("cpu")), data, tok, cfg, log=lambda m: None)
+    metrics = trainer.evaluate(valid)
     assert metrics["tail/n_queries"] == int((counts[valid["target"]] < 5).sum()) > 0
     assert {"tail/HR@10", "tail/NDCG@10", "tail/MRR", "HR@10"} <= set(metrics)
-    assert "tail/HR@10" not in _evaluate(SimpleNamespace(module=model), valid, items, tok, cfg, "cpu", 0, 1)
