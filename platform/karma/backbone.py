@@ -97,14 +97,18 @@ def load_backbone(cfg: ModelConfig, texts: list[str], cache_dir: str | Path, log
     set_attention_dropout(model, cfg.dropout)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    if cfg.lora:
-        from peft import LoraConfig, get_peft_model
+    return with_lora(model, cfg), tok
 
-        model = get_peft_model(
-            model,
-            LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
-        )
-    return model, tok
+
+def with_lora(model: PreTrainedModel, cfg: ModelConfig) -> PreTrainedModel:
+    """`model` wrapped in LoRA adapters on the attention projections when `cfg.lora` says so
+    (training and reloading an export build the same wrapper here); otherwise `model`."""
+    if not cfg.lora:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
 
 
 def backbone_from_config(config_dict: dict, cfg: ModelConfig) -> PreTrainedModel:

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from karma import __version__
-from karma.backbone import backbone_from_config
+from karma.backbone import backbone_from_config, with_lora
 from karma.config import Config, from_dict
 from karma.data import collate
 from karma.model import KarmaModel, Prompts
@@ -125,12 +125,8 @@ def load_export(path: str | Path, device: str = "cpu", dtype: str | None = None)
     cfg = from_dict(json.loads((path / "config.json").read_text()))
     meta = json.loads((path / "meta.json").read_text())
     tok = load_tokenizer(path / "tokenizer")
-    backbone = backbone_from_config(json.loads((path / "backbone_config.json").read_text()), cfg.model)
-    if cfg.model.lora:
-        from peft import LoraConfig, get_peft_model
-
-        backbone = get_peft_model(backbone, LoraConfig(r=cfg.model.lora_r, lora_alpha=cfg.model.lora_alpha,
-                                                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    backbone = with_lora(backbone_from_config(json.loads((path / "backbone_config.json").read_text()), cfg.model),
+                         cfg.model)
     n, t = meta["n_items"], meta["text_tokens"]
     model = KarmaModel(
         cfg.model, backbone, n_items=n, item_tokens=torch.zeros(n, t, dtype=torch.long),
