@@ -1,11 +1,14 @@
 """Ray Serve app for a KARMA model: interest embeddings, recall top-K and ranking features.
 
     serve run serve_apps.ranker:app_builder export_path=/path/to/export
-    serve run serve_apps.ranker:app_builder registered_name=karma-tiny alias=champion
+    serve run serve_apps.ranker:app_builder registered_name=karma alias=candidate
     serve deploy serve_apps/ranker.yaml
 
-Startup-only settings come from the builder's args (limits, auth token, body limit, threads,
-replicas, logging). What can change while serving lives in the deployment's user_config:
+Startup-only settings come from the builder's args (limits, body limit, threads, replicas,
+logging). The bearer token never does: it is read on each replica from $KARMA_SERVE_TOKEN_FILE
+or $KARMA_SERVE_TOKEN, and a replica refuses to start when Serve listens beyond loopback without
+one (unless allow_unauthenticated=true). What can change while serving lives in the
+deployment's user_config:
 
     {"model": {"registered_name": ..., "alias": "champion"} | {"export_path": ...},
      "batching": {"enabled": true, "batch_wait_timeout_s": 0.02, "adaptive_wait": true,
@@ -20,12 +23,11 @@ validated against the old model finish on it, so a version switch fails no reque
 # No `from __future__ import annotations`: FastAPI must see the real request types of the
 # class-based routes.
 import asyncio
-import hmac
 import logging
-import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
+import ray
 import torch
 from fastapi import Depends, FastAPI, Request, Security
 from fastapi.encoders import jsonable_encoder
@@ -33,11 +35,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError,
-                      field_validator)
+                      field_validator, model_validator)
 from ray import serve
 from starlette.exceptions import HTTPException
 
-from karma.serving import BusyWait, Job, ModelHandle, ModelSpec, RequestError, ServingLimits, build_job, run_jobs
+from karma.serving import (TOKEN_ENV, TOKEN_FILE_ENV, BusyWait, Job, ModelHandle, ModelSpec, NonFiniteError,
+                           RequestError, ServingLimits, build_job, check_exposure, read_token, run_jobs, token_matches)
 
 logger = logging.getLogger("ray.serve")
 
@@ -115,9 +118,10 @@ class ModelInfo(BaseModel):
     head_reduce: str
     max_history: int
     karma_version: str | None
-    source: str
+    source: str = Field(description="models:/<name>/<version> for a registry model, else 'export'")
     loaded_at: str
     replica: str
+    auth: str = Field(description="'token', or why there is none: 'none (loopback)' or 'none (allow_unauthenticated)'")
     last_reload_error: str | None
 
 
@@ -167,7 +171,8 @@ class RankerArgs(BaseModel):
     # startup-only
     limits: dict[str, Any] = {}
     max_body_bytes: int = Field(default=DEFAULT_BODY_BYTES, ge=1024)
-    auth_token: str | None = None  # else $KARMA_SERVE_TOKEN on the replica; empty = no auth
+    # serve beyond loopback without a token, on purpose (logged as a warning on every replica)
+    allow_unauthenticated: bool = False
     torch_threads: int = Field(default=1, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when the replica was given a GPU
     # deployment options
@@ -181,6 +186,15 @@ class RankerArgs(BaseModel):
     @classmethod
     def _replicas(cls, v: Any) -> Any:
         return int(v) if isinstance(v, str) and v.isdigit() else v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_token_in_args(cls, v: Any) -> Any:
+        if isinstance(v, dict) and "auth_token" in v:
+            raise ValueError(f"auth_token: a token in the builder args shows in the process list and in the Serve "
+                             f"config; remove it and set {TOKEN_FILE_ENV} (a file holding the token) or {TOKEN_ENV} "
+                             "in the replicas' environment instead")
+        return v
 
 
 # ---- errors as 4xx bodies that name the field ------------------------------------------------
@@ -215,6 +229,12 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
 @app.exception_handler(RequestError)
 async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
     return _error(422, exc.field, str(exc))  # well-formed JSON with a bad value
+
+
+@app.exception_handler(NonFiniteError)
+async def _non_finite(_: Request, exc: NonFiniteError) -> JSONResponse:
+    # The model, not the request, is at fault; JSON cannot carry NaN, and a bare 500 would hide why.
+    return _error(503, "model", str(exc).removeprefix("model: "))
 
 
 @app.exception_handler(HTTPException)
@@ -253,7 +273,10 @@ class BodyLimit:
 
     @staticmethod
     async def _too_large(scope, receive, send, limit: int) -> None:
-        resp = _error(413, "body", f"body: request body is larger than the limit of {limit} bytes")
+        # Connection: close makes the HTTP server drop the connection after this answer instead of
+        # reading (and discarding) the rest of an oversized body, which can be endless when chunked.
+        resp = _error(413, "body", f"body: request body is larger than the limit of {limit} bytes",
+                      headers={"connection": "close"})
         await resp(scope, receive, send)
 
 
@@ -282,12 +305,26 @@ async def require_token(creds: HTTPAuthorizationCredentials | None = Security(_b
     if creds is None:
         raise HTTPException(401, {"field": "Authorization", "detail": "Authorization: missing bearer token"},
                             headers={"WWW-Authenticate": "Bearer"})
-    if not hmac.compare_digest(creds.credentials.encode(), token.encode()):
+    if not token_matches(creds.credentials, token):
         raise HTTPException(401, {"field": "Authorization", "detail": "Authorization: invalid bearer token"},
                             headers={"WWW-Authenticate": "Bearer"})
 
 
 _auth = [Depends(require_token)]
+
+
+# Defined above the class: serve.ingress freezes a copy of the class with the module names
+# that exist when it is decorated.
+async def _http_host() -> str | None:
+    """The host Serve's HTTP proxies listen on (http_options.host; None: no HTTP proxy)."""
+    try:
+        from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+        controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        return (await controller.get_http_config.remote()).host
+    except Exception as e:  # unknown counts as exposed: without a token, only the opt-out starts
+        logger.warning("could not read Serve's http_options.host (%s: %s)", type(e).__name__, e)
+        return "<unknown>"
 
 
 # ---- the deployment --------------------------------------------------------------------------
@@ -296,13 +333,22 @@ _auth = [Depends(require_token)]
 @serve.deployment(name="Ranker", max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
 @serve.ingress(app)
 class Ranker:
-    def __init__(self, limits: dict | None = None, max_body_bytes: int = DEFAULT_BODY_BYTES,
-                 auth_token: str | None = None, torch_threads: int = 1, device: str = "auto") -> None:
+    async def __init__(self, limits: dict | None = None, max_body_bytes: int = DEFAULT_BODY_BYTES,
+                       torch_threads: int = 1, device: str = "auto", allow_unauthenticated: bool = False) -> None:
+        # The token comes from the replica's environment only (never args or config), and serving
+        # beyond loopback without one needs the explicit opt-out.
+        self.auth_token = read_token()
+        self.auth = "token"
+        if not self.auth_token:
+            host = await _http_host()
+            warning = check_exposure(host, False, allow_unauthenticated)
+            if warning:
+                logger.warning(warning)
+            self.auth = "none (allow_unauthenticated)" if warning else "none (loopback)"
         torch.set_num_threads(torch_threads)  # replicas share few cores: no oversubscription
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         self.limits = ServingLimits.from_dict(limits)
         self.max_body_bytes = int(max_body_bytes)
-        self.auth_token = auth_token if auth_token is not None else os.environ.get("KARMA_SERVE_TOKEN") or None
         self.handle: ModelHandle | None = None
         self.spec: ModelSpec | None = None
         self.batching = True
@@ -346,10 +392,11 @@ class Ranker:
             except Exception as e:
                 if self.handle is None:
                     raise  # a replica without a model must not start
-                # keep serving the old model; the failure is visible in /v1/model and the log
-                self.last_reload_error = f"{type(e).__name__}: {e}"
-                logger.error("model reload failed, still serving version %s: %s", self.handle.version,
-                             self.last_reload_error)
+                # keep serving the old model; the failure is in /v1/model (without the registry's
+                # address or local paths) and in full in the log
+                self.last_reload_error = f"{type(e).__name__}: could not load {spec.describe()}; see the replica log"
+                logger.error("model reload failed, still serving version %s: %s: %s", self.handle.version,
+                             type(e).__name__, e)
                 return False
             self.handle, self.spec, self.last_reload_error = new, spec, None
             return True
@@ -366,9 +413,10 @@ class Ranker:
         return self.handle
 
     async def _answer(self, handle: ModelHandle, job: Job) -> dict:
-        if self.batching:
-            return await self._batched((handle, job))
-        return (await self._run([(handle, job)]))[0]
+        out = await self._batched((handle, job)) if self.batching else (await self._run([(handle, job)]))[0]
+        if "error" in out:
+            raise out["error"]  # NonFiniteError: answered 503 naming the model
+        return out
 
     async def _run(self, work: list[tuple[ModelHandle, Job]]) -> list[dict]:
         if self._infer_pool is None:
@@ -396,7 +444,8 @@ class Ranker:
 
     def _info(self) -> dict:
         info = self._current().info()
-        info.update(replica=serve.get_replica_context().replica_tag, last_reload_error=self.last_reload_error)
+        info.update(replica=serve.get_replica_context().replica_tag, auth=self.auth,
+                    last_reload_error=self.last_reload_error)
         return info
 
     @app.post(f"/{API_VERSION}/interests", response_model=InterestsResponse, dependencies=_auth)
@@ -449,7 +498,8 @@ def user_config_of(a: RankerArgs) -> dict | None:
                                 ("dtype", a.dtype), ("index", a.index)) if v is not None}
     if not (a.export_path or a.registered_name):
         return None  # the deploy config's user_config must name the model
-    ModelSpec.from_dict(model)  # fail at build time, not on the replicas
+    spec = ModelSpec.from_dict(model)  # fail at build time, not on the replicas
+    spec.resolve_version()  # ModelNotFoundError naming the model and alias, and listing the aliases
     batching = {"enabled": a.batching, "batch_wait_timeout_s": a.batch_wait_timeout_s,
                 "adaptive_wait": a.adaptive_wait}
     if a.max_batch_size is not None:
@@ -469,4 +519,5 @@ def app_builder(args: dict) -> serve.Application:
     uc = user_config_of(a)
     if uc is not None:
         options["user_config"] = uc
-    return Ranker.options(**options).bind(a.limits, a.max_body_bytes, a.auth_token, a.torch_threads, a.device)
+    return Ranker.options(**options).bind(a.limits, a.max_body_bytes, a.torch_threads, a.device,
+                                          a.allow_unauthenticated)

@@ -1,10 +1,15 @@
 """The Serve app end to end: one real Ray + Serve session for the module, the app deployed with
 `serve deploy` from serve_apps/ranker.yaml (its model in a real MLflow sqlite registry), HTTP on
-127.0.0.1 through httpx. Two tiny trained models are registered as versions 1 and 2."""
+127.0.0.1 through httpx. Two tiny trained models are registered as versions 1 and 2. The last
+test restarts Serve listening beyond loopback."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -20,19 +25,23 @@ import ray
 import torch
 import yaml
 from ray import serve
+from safetensors.torch import load_file, save_file
 
 from conftest import tiny_cfg
+from karma.config import load_config
 from karma.data import collate
 from karma.export import export_model, load_export
 from karma.losses import head_scores
 from karma.retrieval import exact_topk
+from karma.serving import TOKEN_FILE_ENV, ModelNotFoundError
 from karma.step import prepare_batch
-from karma.tracking import RunTracker, register_export, set_alias
+from karma.tracking import RunTracker, register_export, resolve_tracking_uri, set_alias
 from karma.train.plain import train_plain
+from karma.train.ray_job import storage_root
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # serve_apps, as the replicas import it
-TOKEN = "serve-test-token"
+TOKEN = "serve-test-token-0123456789"
 NAME = "karma-serve-test"
 ATOL = 1e-5  # fp32 model on CPU; batched (padded) and lone forward passes agree to ~1e-7
 
@@ -101,6 +110,8 @@ def server(registry, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
     env = {"PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "platform")]), "OMP_NUM_THREADS": "1",
            "KARMA_MODEL_CACHE": str(tmp / "model-cache")}
+    token_file = tmp / "serve-token"
+    token_file.write_text(TOKEN + "\n")
     port, dport = _free_port(), _free_port()
     # address="local": always a fresh cluster of our own, never one that happens to run here
     ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
@@ -109,8 +120,7 @@ def server(registry, tmp_path_factory):
         cfg = yaml.safe_load((ROOT / "serve_apps" / "ranker.yaml").read_text())
         cfg["http_options"]["port"] = port
         app = cfg["applications"][0]
-        app["runtime_env"] = {"env_vars": env}
-        app["args"]["auth_token"] = TOKEN
+        app["runtime_env"] = {"env_vars": {**env, TOKEN_FILE_ENV: str(token_file)}}  # the path, not the token
         dep = app["deployments"][0]
         assert dep["num_replicas"] == 2
         dep["ray_actor_options"]["num_cpus"] = 0.5
@@ -194,6 +204,7 @@ def test_all_endpoints_answer(server, exports) -> None:
     assert (info["registered_name"], info["version"], info["alias"]) == (NAME, "1", "champion")
     assert info["config_digest"] == ref.meta["config_digest"] and info["n_items"] == len(ids)
     assert info["n_heads"] == 2 and info["head_reduce"] == "mixture" and info["loaded_at"]
+    assert info["source"] == f"models:/{NAME}/1" and info["auth"] == "token"
     hist = ids[:3].tolist()
     z = c.post("/v1/interests", json={"history": hist, "query": "gloves"}).json()
     assert np.asarray(z["interests"]).shape == (2, 32) and z["model_version"] == "1"
@@ -214,6 +225,15 @@ def test_all_endpoints_answer(server, exports) -> None:
     for p in ("/v1/interests", "/v1/recall", "/v1/rank", "/v1/model", "/v1/noop", "/v1/admin/reload", "/healthz"):
         assert p in paths
     assert "RankResponse" in c.get("/openapi.json").json()["components"]["schemas"]
+
+
+def test_model_info_names_the_model_without_local_paths(server) -> None:
+    text = server.client.get("/v1/model").text
+    info = server.client.get("/v1/model").json()
+    assert (info["registered_name"], info["version"], info["alias"]) == (NAME, "1", "champion")
+    cache = str(server.tmp / "model-cache")
+    assert cache not in text and str(server.tmp) not in text and server.uri not in text
+    assert not any(isinstance(v, str) and v.startswith("/") for v in info.values()), info
 
 
 def _reference(m, rows: list[int], query: str | None) -> tuple[np.ndarray, np.ndarray]:
@@ -318,13 +338,49 @@ def test_bad_request_gets_4xx_naming_the_field(server, name, path, body, headers
     assert field in got["detail"], got
 
 
-def test_bad_request_table_is_big_enough_and_server_still_answers(server, exports) -> None:
-    assert len(BAD) >= 15
+def test_server_still_answers_after_the_bad_requests(server, exports) -> None:
     ids = _item_ids(exports[0])
     r = server.client.post("/v1/recall", json={"history": ids[:2].tolist(), "k": 3})
     assert r.status_code == 200 and len(r.json()["item_ids"]) == 3
     unknown = server.client.post("/v1/recall", json={"history": [1, 987654321]}).json()
     assert "987654321" in unknown["detail"]  # the unknown id is listed
+
+
+def test_oversized_chunked_body_gets_413_and_the_rest_is_not_read(server) -> None:
+    """A chunked body (no Content-Length) that never ends: 413 naming the limit as soon as it
+    passes max_body_bytes, then the server closes the connection instead of reading on."""
+    host, port = server.url.removeprefix("http://").split(":")
+    cap, chunk = 192 * 2**20, b"1" * 65536
+    frame = b"%x\r\n%s\r\n" % (len(chunk), chunk)
+    got = bytearray()
+    with socket.create_connection((host, int(port)), timeout=60) as s:
+
+        def read() -> None:
+            while True:
+                try:
+                    data = s.recv(65536)
+                except OSError:
+                    return
+                if not data:
+                    return
+                got.extend(data)
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        s.sendall(f"POST /v1/recall HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {TOKEN}\r\n"
+                  "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+                  + b'd\r\n{"history": [\r\n')
+        sent = 0
+        with pytest.raises(OSError):  # the server hung up: no more of the body is read
+            while sent < cap:
+                s.sendall(frame)
+                sent += len(chunk)
+        reader.join(30)
+    head, _, body = bytes(got).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413"), bytes(got[:300])
+    assert b"connection: close" in head.lower()
+    assert b'"field":"body"' in body and b"larger than the limit of 262144 bytes" in body
+    assert sent < cap // 2, f"the server read {sent / 2**20:.0f} MiB after refusing the body"
 
 
 # ---- version switch --------------------------------------------------------------------------
@@ -403,6 +459,7 @@ def test_failed_reload_keeps_serving_the_old_version(server, exports) -> None:
     seen = _on_every_replica(server, lambda i: i["last_reload_error"] is not None)
     for info in seen.values():
         assert info["version"] == "1" and "no-such-alias" in info["last_reload_error"]
+        assert info["last_reload_error"].startswith("ModelNotFoundError") and server.uri not in info["last_reload_error"]
     r = server.client.post("/v1/recall", json={"history": ids[:3].tolist(), "k": 5})
     assert r.status_code == 200 and r.json()["model_version"] == "1"
     uc["model"]["alias"], uc["revision"] = "champion", 4
@@ -438,21 +495,147 @@ def test_replica_killed_under_load(server, exports) -> None:
 # ---- the Python API ----------------------------------------------------------------------------
 
 
-def test_serve_run_with_the_python_builder(server, exports) -> None:
-    """`serve.run(app_builder(...))` with an export path, no token: /v1 answers without auth."""
+def test_serve_run_with_the_python_builder(server, nan_export) -> None:
+    """`serve.run(app_builder(...))` with an export path, no token, on loopback: /v1 answers without
+    auth, the admin route is off. The export's weights hold a NaN (its item table is intact), so
+    every model answer is NaN: a clear 503 naming the model, never a bare 500."""
     from serve_apps.ranker import app_builder
 
-    app = app_builder({"export_path": str(exports[1]), "batching": "false",
+    app = app_builder({"export_path": str(nan_export), "batching": "false",
                        "ray_actor_options": {"num_cpus": 0.25}, "limits": {"max_k": 5}})
     serve.run(app, name="py", route_prefix="/py", blocking=False)
     try:
         with httpx.Client(base_url=server.url + "/py", timeout=60) as c:
             info = c.get("/v1/model").json()
-            assert info["source"] == str(exports[1]) and info["version"] is None
-            ids = _item_ids(exports[1])
-            assert len(c.post("/v1/recall", json={"history": ids[:2].tolist(), "k": 5}).json()["item_ids"]) == 5
-            r = c.post("/v1/recall", json={"history": ids[:2].tolist(), "k": 6})
+            assert info["source"] == "export" and info["version"] is None and info["auth"] == "none (loopback)"
+            ids = _item_ids(nan_export)[:3].tolist()
+            r = c.post("/v1/recall", json={"history": ids, "k": 6})
             assert r.status_code == 422 and r.json()["field"] == "k"
             assert c.post("/v1/admin/reload", json={}).status_code == 403  # no token: no admin
+            for path, body in (("/v1/interests", {"history": ids}), ("/v1/recall", {"history": ids, "k": 5}),
+                               ("/v1/rank", {"history": ids, "candidates": ids})):
+                r = c.post(path, json=body)
+                assert r.status_code == 503, (path, r.status_code, r.text)
+                got = r.json()
+                assert got["field"] == "model" and "NaN or infinite" in got["detail"] and "export folder" in got["detail"]
+            assert c.get("/healthz").json() == {"status": "ok"}
     finally:
         serve.delete("py")
+
+
+# ---- bad input at startup, bad model output ----------------------------------------------------
+
+
+def test_bad_alias_at_startup_names_the_model_and_lists_its_aliases(server) -> None:
+    """`serve run ... alias=<missing>` fails before any replica starts, with a named error. (A model
+    named in the deploy config's user_config goes through the same ModelSpec.resolve_version on the
+    replicas: see test_failed_reload_keeps_serving_the_old_version.)"""
+    from serve_apps.ranker import app_builder
+
+    with pytest.raises(ModelNotFoundError) as e:  # `serve run ... alias=no-such-alias`: before any replica
+        app_builder({"registered_name": NAME, "alias": "no-such-alias", "tracking_uri": server.uri})
+    msg = str(e.value)
+    assert f"{NAME!r} has no alias 'no-such-alias'" in msg and "'champion': '1'" in msg
+    assert "get_registered_model" in msg and "set_alias" in msg
+    with pytest.raises(ModelNotFoundError, match=r"no registered model 'karma-nope'.*" + NAME):
+        app_builder({"registered_name": "karma-nope", "tracking_uri": server.uri})
+
+
+@pytest.fixture(scope="module")
+def nan_export(exports, tmp_path_factory) -> Path:
+    """Version 2's export with one backbone weight NaN: its item table is intact, every answer NaN."""
+    out = tmp_path_factory.mktemp("nan") / "export"
+    shutil.copytree(exports[1], out)
+    state = load_file(str(out / "model.safetensors"))
+    key = next(k for k in state if "layers.0" in k and state[k].is_floating_point())
+    state[key] = torch.full_like(state[key], float("nan"))
+    save_file(state, str(out / "model.safetensors"))
+    return out
+
+
+# ---- README's serving commands after README's main job ----------------------------------------
+
+
+def _readme_serving_commands() -> tuple[list[str], str]:
+    """The `serve run` argv and the curl command of README's "Serving" section."""
+    section = (ROOT / "README.md").read_text().split("## Serving (Ray Serve)", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1).replace("\\\n", " ")
+    lines = [ln.strip() for ln in block.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+    serve_run = next(shlex.split(ln) for ln in lines if " serve run " in f" {ln} " or "/serve run " in ln)
+    curl = next(ln for ln in lines if ln.startswith("curl "))
+    return serve_run, curl
+
+
+def test_readme_serving_commands_serve_what_the_main_job_registers(server, exports, monkeypatch) -> None:
+    """README: `jobs/train.py` (the embedded default), then its `serve run`, then its recall request.
+    The serve command must name the model, alias and registry the default job writes; the tiny
+    model stands in for the default job's (same registration), then README's args and request
+    are run through what `serve run` does with them."""
+    from ray._common.utils import import_attr
+    from ray.serve._private import api as _private_api
+    from ray.serve.scripts import convert_args_to_dict
+
+    argv, curl = _readme_serving_commands()
+    i = argv.index("run")
+    assert argv[i + 1:i + 3] == ["-a", "local"]
+    import_path, args = argv[i + 3], convert_args_to_dict(tuple(argv[i + 4:]))
+    default = load_config(None)  # what `python jobs/train.py` without arguments trains
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(ROOT)
+    job_uri = resolve_tracking_uri(default.tracking.tracking_uri, storage_root(default))
+    assert args["registered_name"] == (default.tracking.registered_model or default.tracking.experiment)
+    assert args["alias"] == default.tracking.alias and default.tracking.register
+    assert args["tracking_uri"].replace("$PWD", str(ROOT)) == job_uri
+
+    # the same registration as the default job's, in the module's registry instead of runs/mlflow.db
+    with RunTracker(default.tracking.experiment, default.tracking.run_name, server.uri) as t:
+        register_export(t, exports[0], args["registered_name"], default.tracking.alias)
+    app = _private_api.call_user_app_builder_with_args_if_necessary(import_attr(import_path),
+                                                                    {**args, "tracking_uri": server.uri})
+    serve.run(app, name="readme", route_prefix="/readme", blocking=False)
+    try:
+        request = shlex.split(curl)
+        url = request[request.index("-s") + 1]
+        body = request[request.index("-d") + 1]
+        headers = dict(h.split(": ", 1) for h in (request[j + 1] for j, a in enumerate(request) if a == "-H"))
+        assert url.startswith("127.0.0.1:8000/")  # serve run's default proxy address
+        r = httpx.post(server.url + "/readme/" + url.split("/", 1)[1], content=body, headers=headers, timeout=60)
+        assert r.status_code == 200, r.text
+        k = json.loads(body).get("k", 100)
+        assert len(r.json()["item_ids"]) == k and r.json()["model_version"] == "1"
+    finally:
+        serve.delete("readme")
+
+
+# ---- beyond loopback (restarts Serve: keep last) -------------------------------------------------
+
+
+def test_beyond_loopback_a_replica_needs_a_token_or_the_explicit_opt_out(server, exports) -> None:
+    """Serve listening on 0.0.0.0: without a token the app refuses to start, naming the fix;
+    allow_unauthenticated=true starts, open, and says so. (A token from a file: the module's server.)"""
+    from serve_apps.ranker import Ranker, app_builder
+
+    serve.shutdown()
+    port = _free_port()
+    serve.start(http_options={"host": "0.0.0.0", "port": port})
+    no_token = Ranker.options(ray_actor_options={"num_cpus": 0.25}, max_constructor_retry_count=1).bind()
+    opt_out = app_builder({"export_path": str(exports[1]), "batching": "false", "allow_unauthenticated": "true",
+                           "ray_actor_options": {"num_cpus": 0.25}})
+    for name, app in (("open", no_token), ("optout", opt_out)):  # both start at once
+        serve._run(app, _blocking=False, name=name, route_prefix=f"/{name}")
+    end = time.time() + 180
+    while time.time() < end:
+        apps = serve.status().applications
+        if apps["open"].status == "DEPLOY_FAILED" and apps["optout"].status == "RUNNING":
+            break
+        time.sleep(0.5)
+    apps = serve.status().applications
+    failure = "\n".join([apps["open"].message, *(d.message for d in apps["open"].deployments.values())])
+    assert apps["open"].status == "DEPLOY_FAILED", failure
+    assert "ExposureError" in failure and "'0.0.0.0'" in failure
+    assert TOKEN_FILE_ENV in failure and "allow_unauthenticated=true" in failure
+    assert apps["optout"].status == "RUNNING", apps["optout"]
+    info = httpx.get(f"http://127.0.0.1:{port}/optout/v1/model", timeout=30).json()
+    assert info["auth"] == "none (allow_unauthenticated)"
+    serve.delete("open")
+    serve.delete("optout")

@@ -10,26 +10,37 @@ import stat
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from conftest import tiny_cfg
 from karma.export import export_model, load_export
 from karma.factory import build_model
 from karma.retrieval import exact_topk
 from karma.serving import (
+    TOKEN_ENV,
+    TOKEN_FILE_ENV,
     BusyWait,
+    ExposureError,
     Job,
     ModelHandle,
+    ModelNotFoundError,
     ModelSpec,
+    NonFiniteError,
     RequestError,
     ServingLimits,
     build_job,
     check_item_ids,
+    check_exposure,
     check_k,
     check_query,
     rank_features,
+    read_token,
     run_jobs,
+    token_matches,
     user_features,
 )
 from karma.tracking import RunTracker, _cache_root, export_dir_of, register_export
@@ -300,3 +311,94 @@ def test_model_cache_owned_by_another_user_is_refused(registry, tmp_path) -> Non
     mine.chmod(0o777)  # ours, but open to others: tightened before use
     export_dir_of(CACHED, "1", registry, cache_dir=mine)
     assert _mode(mine) == 0o700
+
+
+def test_registry_errors_name_the_model_and_list_what_exists(registry) -> None:
+    with pytest.raises(ModelNotFoundError) as e:
+        ModelSpec(registered_name=CACHED, alias="nope", tracking_uri=registry).resolve_version()
+    msg = str(e.value)
+    assert msg.startswith("model.alias:") and f"{CACHED!r} has no alias 'nope'" in msg
+    assert "its aliases: {'champion': '1'}" in msg and "get_registered_model" in msg and "set_alias" in msg
+    with pytest.raises(ModelNotFoundError, match=r"model.version: .* has no version 9 .* its versions: \[1\]"):
+        ModelSpec(registered_name=CACHED, version="9", tracking_uri=registry).resolve_version()
+    with pytest.raises(ModelNotFoundError, match=rf"no registered model 'karma-x' .*'{CACHED}'"):
+        ModelSpec(registered_name="karma-x", tracking_uri=registry).resolve_version()
+    assert ModelSpec(registered_name=CACHED, alias="champion", tracking_uri=registry).resolve_version() == "1"
+
+
+# ---- authentication ----------------------------------------------------------------------------
+
+GOOD = "a-serving-token-of-32-characters"
+
+
+def test_read_token_from_the_environment_or_a_file(tmp_path) -> None:
+    assert read_token({}) is None and read_token({TOKEN_ENV: ""}) is None
+    assert read_token({TOKEN_ENV: GOOD}) == GOOD
+    path = tmp_path / "token"
+    path.write_text(GOOD + "\n")  # a trailing newline, as `echo` writes it
+    assert read_token({TOKEN_FILE_ENV: str(path)}) == GOOD
+    for env, fragment in [({TOKEN_ENV: GOOD, TOKEN_FILE_ENV: str(path)}, "set only one"),
+                          ({TOKEN_FILE_ENV: str(tmp_path / "missing")}, "cannot read the token file"),
+                          ({TOKEN_ENV: "short"}, "at least 16")]:
+        with pytest.raises(ValueError, match=fragment):
+            read_token(env)
+    path.write_text("\n")
+    with pytest.raises(ValueError, match=f"{TOKEN_FILE_ENV}=.*is empty"):
+        read_token({TOKEN_FILE_ENV: str(path)})
+
+
+def test_token_matches() -> None:
+    assert token_matches(GOOD, GOOD)
+    assert not token_matches(GOOD[:-1], GOOD) and not token_matches(GOOD + "x", GOOD) and not token_matches("", GOOD)
+
+
+@pytest.mark.parametrize("host", [None, "127.0.0.1", "localhost", "::1", "[::1]", "127.0.0.2"])
+def test_loopback_serves_without_a_token(host) -> None:
+    assert check_exposure(host, has_token=False, allow_unauthenticated=False) is None
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.1.2.3", "ranker.internal"])
+def test_beyond_loopback_needs_a_token_or_the_opt_out(host) -> None:
+    with pytest.raises(ExposureError) as e:
+        check_exposure(host, has_token=False, allow_unauthenticated=False)
+    assert repr(host) in str(e.value) and TOKEN_FILE_ENV in str(e.value) and "allow_unauthenticated=true" in str(e.value)
+    assert check_exposure(host, has_token=True, allow_unauthenticated=False) is None
+    warning = check_exposure(host, has_token=False, allow_unauthenticated=True)
+    assert "WITHOUT authentication" in warning and repr(host) in warning
+
+
+# ---- non-finite model output --------------------------------------------------------------------
+
+
+def _broken_copy(export_dir: Path, dst: Path) -> Path:
+    shutil.copytree(export_dir, dst)
+    return dst
+
+
+def test_nan_weights_give_an_error_per_request_not_nan(export_dir, tmp_path) -> None:
+    bad = _broken_copy(export_dir, tmp_path / "nan-weights")
+    state = load_file(str(bad / "model.safetensors"))
+    key = next(k for k in state if "layers.0" in k and state[k].is_floating_point())
+    state[key] = torch.full_like(state[key], float("nan"))
+    save_file(state, str(bad / "model.safetensors"))
+    broken, good = ModelHandle.from_export(bad), ModelHandle.from_export(export_dir)
+    limits = ServingLimits()
+    jobs = [build_job(kind, broken, limits, history=[100, 101], candidates=[102]) for kind in ("interests", "recall",
+                                                                                                "rank")]
+    out = run_jobs([(h, j) for j in jobs for h in (broken, good)])
+    for i in range(0, len(out), 2):
+        assert set(out[i]) == {"error"} and isinstance(out[i]["error"], NonFiniteError)
+        assert "NaN or infinite" in str(out[i]["error"]) and str(bad) not in str(out[i]["error"])
+        assert "error" not in out[i + 1]  # the same batch's requests on a sound model are answered
+
+
+def test_nan_item_embeddings_are_refused_at_load(export_dir, tmp_path) -> None:
+    bad = _broken_copy(export_dir, tmp_path / "nan-items")
+    table = pq.read_table(bad / "items.parquet")
+    emb = [list(map(float, row)) for row in table.column("embedding").to_pylist()]
+    emb[3][0] = float("nan")
+    col = table.schema.get_field_index("embedding")
+    table = table.set_column(col, "embedding", pa.array(emb, type=table.schema.field("embedding").type))
+    pq.write_table(table, bad / "items.parquet")
+    with pytest.raises(NonFiniteError, match="1 of 30 item embeddings hold NaN"):
+        ModelHandle.from_export(bad)

@@ -20,6 +20,10 @@ heads; defined as 1.0 for H=1) and mixture_weights (softmax(mix); null without a
 from __future__ import annotations
 
 import dataclasses
+import hmac
+import ipaddress
+import logging
+import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +37,13 @@ from karma.retrieval import ItemIndex
 
 __all__ = [
     "RequestError",
+    "ModelNotFoundError",
+    "NonFiniteError",
+    "ExposureError",
+    "read_token",
+    "token_matches",
+    "is_loopback",
+    "check_exposure",
     "ServingLimits",
     "ModelSpec",
     "ModelHandle",
@@ -50,6 +61,12 @@ __all__ = [
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 _SHOW_UNKNOWN = 20  # unknown ids listed in an error message, at most
+TOKEN_ENV = "KARMA_SERVE_TOKEN"
+TOKEN_FILE_ENV = "KARMA_SERVE_TOKEN_FILE"
+MIN_TOKEN_CHARS = 16
+_NEW_TOKEN = "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+
+logger = logging.getLogger(__name__)
 
 
 class RequestError(ValueError):
@@ -59,6 +76,89 @@ class RequestError(ValueError):
         super().__init__(f"{field}: {message}")
         self.field = field
         self.message = message
+
+
+class ModelNotFoundError(LookupError):
+    """The registry has no such model, alias or version. The message names them, lists what the
+    registry holds instead and how to list it."""
+
+    def __init__(self, message: str, registered_name: str, ref: str):
+        super().__init__(message)
+        self.registered_name = registered_name
+        self.ref = ref
+
+
+class NonFiniteError(ArithmeticError):
+    """A model gave NaN or infinite values: its item table at load, or one request's answer."""
+
+
+class ExposureError(RuntimeError):
+    """Serving beyond loopback without a token and without the explicit opt-out."""
+
+
+# ---- authentication ---------------------------------------------------------------------------
+
+
+def read_token(environ: Mapping[str, str] | None = None) -> str | None:
+    """The serving token from $KARMA_SERVE_TOKEN_FILE (a file holding it) or $KARMA_SERVE_TOKEN,
+    never from arguments or a config file (which show in `ps`, logs and the Serve config).
+    None when neither is set; ValueError naming the variable when one is set but unusable."""
+    env = os.environ if environ is None else environ
+    value, path = env.get(TOKEN_ENV, ""), env.get(TOKEN_FILE_ENV, "")
+    if value and path:
+        raise ValueError(f"both {TOKEN_ENV} and {TOKEN_FILE_ENV} are set; set only one "
+                         f"({TOKEN_FILE_ENV} keeps the token out of the process environment)")
+    if path:
+        try:
+            token = Path(path).read_text().strip()
+        except OSError as e:
+            raise ValueError(f"{TOKEN_FILE_ENV}={path}: cannot read the token file ({e.strerror or e}); "
+                             "mount it readable by the replicas or unset the variable") from e
+        source = f"{TOKEN_FILE_ENV}={path}: the token file"
+    else:
+        token, source = value.strip(), TOKEN_ENV
+    if path and not token:
+        raise ValueError(f"{source} is empty; write a token into it, e.g. the output of {_NEW_TOKEN}")
+    if token and len(token) < MIN_TOKEN_CHARS:
+        raise ValueError(f"{source} holds a token of {len(token)} characters; use at least {MIN_TOKEN_CHARS}, "
+                         f"e.g. the output of {_NEW_TOKEN}")
+    return token or None
+
+
+def token_matches(given: str, token: str) -> bool:
+    """Compare a presented token with the server's in constant time (no early exit on a prefix)."""
+    return hmac.compare_digest(given.encode(), token.encode())
+
+
+def is_loopback(host: str | None) -> bool:
+    """Whether a listen address is reachable from this host only. None: Serve runs no HTTP proxy."""
+    if host is None:
+        return True
+    h = host.strip().strip("[]").lower()
+    if h == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(h).is_loopback
+    except ValueError:
+        return False  # a host name or an unparsable address: assume reachable
+
+
+def check_exposure(host: str | None, has_token: bool, allow_unauthenticated: bool) -> str | None:
+    """Refuse to serve beyond loopback without a token unless `allow_unauthenticated` is set.
+
+    Returns a warning to log when serving beyond loopback without a token on purpose (None when
+    there is nothing to warn about); raises ExposureError when it must not start."""
+    if has_token or is_loopback(host):
+        return None
+    if allow_unauthenticated:
+        return (f"serving WITHOUT authentication on http_options.host={host!r}, beyond loopback, because "
+                "allow_unauthenticated=true: anyone who reaches the port can query the model")
+    raise ExposureError(
+        f"Serve's HTTP proxy listens on {host!r} (http_options.host), beyond loopback, and no serving token "
+        f"is set, so anyone who reaches the port could query the model. Set {TOKEN_FILE_ENV} (a file "
+        f"holding the token) or {TOKEN_ENV} in the replicas' environment, or bind http_options.host to "
+        "127.0.0.1 behind a gateway, or pass allow_unauthenticated=true to serve without a token on purpose"
+    )
 
 
 @dataclass(frozen=True)
@@ -298,15 +398,75 @@ class ModelSpec:
         """The registry version this spec points at now (None for an export folder)."""
         if not self.registered_name:
             return None
-        if self.version:
-            return self.version
         from karma.tracking import alias_version
 
         uri = self.resolved_uri()
+        if self.version:
+            if not _has_version(self.registered_name, self.version, uri):
+                raise _not_found(self.registered_name, self.version, uri)
+            return self.version
         v = alias_version(self.registered_name, self.ref, uri)
         if v is None:
-            raise LookupError(f"registered model {self.registered_name!r} has no alias {self.ref!r} in {uri}")
+            raise _not_found(self.registered_name, self.ref, uri)
         return v
+
+    def describe(self, version: str | None = None) -> str:
+        """What this spec names, for messages (no local paths)."""
+        if not self.registered_name:
+            return "the export folder"
+        ref = f"version {self.version}" if self.version else f"alias {self.ref!r}"
+        got = f" (version {version})" if version and not self.version else ""
+        return f"registered model {self.registered_name!r} {ref}{got}"
+
+
+def _registry(uri: str):
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _has_version(name: str, version: str, uri: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        _registry(uri).get_model_version(name, str(version))
+        return True
+    except MlflowException:
+        return False
+
+
+def _not_found(name: str, ref: str, uri: str) -> ModelNotFoundError:
+    """A ModelNotFoundError for `name` at `ref` (an alias or a version number) that lists what
+    the registry at `uri` holds instead."""
+    from mlflow.exceptions import MlflowException
+
+    client = _registry(uri)
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException:
+        try:
+            names = sorted(m.name for m in client.search_registered_models(max_results=50))
+        except MlflowException:
+            names = []
+        return ModelNotFoundError(
+            f"model.registered_name: there is no registered model {name!r} in {uri} (registered models "
+            f"there: {names or 'none'}). A training job registers its model under tracking.registered_model "
+            "(default: the experiment's name) when tracking.register=true; serve one of the names listed or "
+            "check model.tracking_uri", name, ref)
+    if ref.isdigit():
+        try:
+            versions = sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
+        except MlflowException:
+            versions = []
+        return ModelNotFoundError(
+            f"model.version: registered model {name!r} has no version {ref} in {uri}; its versions: "
+            f"{versions or 'none'}", name, ref)
+    aliases = {a: str(v) for a, v in sorted(model.aliases.items())}
+    return ModelNotFoundError(
+        f"model.alias: registered model {name!r} has no alias {ref!r} in {uri}; its aliases: "
+        f"{aliases or 'none'} (list them with `mlflow.MlflowClient({uri!r}).get_registered_model({name!r})"
+        f".aliases`). Serve one of those, pin model.version, or point the alias at a version with "
+        f"karma.tracking.set_alias({name!r}, {ref!r}, VERSION, {uri!r})", name, ref)
 
 
 @dataclass
@@ -320,8 +480,9 @@ class ModelHandle:
     registered_name: str | None
     version: str | None
     alias: str | None
-    source: str
+    source: str  # what answered, without local paths: models:/<name>/<version>, or "export"
     loaded_at: str
+    path: str = ""  # the local export folder (kept out of answers)
     _ids: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -332,10 +493,17 @@ class ModelHandle:
                     device: str = "cpu") -> ModelHandle:
         spec = spec or ModelSpec(export_path=str(path))
         model = load_export(path, device=device, dtype=spec.dtype)
+        finite = np.isfinite(model.item_emb).all(axis=1)
+        if not finite.all():
+            raise NonFiniteError(
+                f"{spec.describe(version)}: {int((~finite).sum())} of {len(finite)} item embeddings hold NaN "
+                "or infinite values, so recall would rank garbage; the export is broken: export the model "
+                "again from a good checkpoint")
         index = ItemIndex(model.item_emb, kind=spec.index, use_gpu=device != "cpu")
+        source = f"models:/{spec.registered_name}/{version}" if spec.registered_name else "export"
         return cls(model, index, spec, spec.registered_name, version,
                    spec.alias or ("champion" if spec.registered_name and not spec.version else None),
-                   str(path), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+                   source, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), str(path))
 
     @classmethod
     def load(cls, spec: ModelSpec, version: str | None = None, device: str = "cpu") -> ModelHandle:
@@ -370,12 +538,18 @@ class ModelHandle:
         return self.model.encode(list(histories), list(queries))
 
     def run(self, jobs: Sequence[Job]) -> list[dict[str, Any]]:
-        """Answer validated jobs in one forward pass (and one index search for the recalls)."""
+        """Answer validated jobs in one forward pass (and one index search for the recalls).
+
+        A job whose interests or features come out NaN or infinite is answered with
+        {"error": NonFiniteError} instead (the others in the batch are unaffected)."""
         if not jobs:
             return []
         z, mix = self.encode([j.rows for j in jobs], [j.query for j in jobs])
+        ok = np.isfinite(z.reshape(len(jobs), -1)).all(axis=1)
+        if mix is not None:
+            ok &= np.isfinite(np.asarray(mix).reshape(len(jobs), -1)).all(axis=1)
         out: list[dict[str, Any]] = [{} for _ in jobs]
-        rec = [i for i, j in enumerate(jobs) if j.kind == "recall"]
+        rec = [i for i, j in enumerate(jobs) if j.kind == "recall" and ok[i]]
         if rec:
             width = max(len(jobs[i].rows) if jobs[i].exclude_history else 0 for i in rec)
             ex = np.full((len(rec), max(width, 1)), -1, np.int64)
@@ -389,13 +563,42 @@ class ModelHandle:
                 out[i] = {"item_ids": self._ids[top_rows], "scores": top_s}
         for i, job in enumerate(jobs):
             m_i = None if mix is None else mix[i]
+            if not ok[i]:
+                continue
             if job.kind == "interests":
                 out[i] = {"interests": z[i]}
             elif job.kind == "rank":
                 feats = rank_features(z[i], m_i, self.model.item_emb[job.cand_rows])
                 out[i] = {"item_ids": job.cand_ids, **feats,
                           "user": user_features(z[i], m_i, len(job.rows))}
+            ok[i] = _all_finite(out[i])
+        for i in np.flatnonzero(~ok):
+            out[i] = {"error": self._non_finite()}
         return out
+
+    def _non_finite(self) -> NonFiniteError:
+        what = self.spec.describe(self.version) if self.spec else "the model"
+        dtype = (self.spec.dtype if self.spec else None) or self.model.meta.get("dtype", "its dtype")
+        logger.warning("%s produced NaN or infinite values for a request; answered with an error", what)
+        return NonFiniteError(
+            f"model: {what} produced NaN or infinite values for this request, so there is no valid answer. "
+            f"The model is faulty or overflows in {dtype}: serve another version (move the alias "
+            "back) or load this one with dtype float32")
+
+
+def _all_finite(answer: Mapping[str, Any]) -> bool:
+    for v in answer.values():
+        if isinstance(v, Mapping):
+            if not _all_finite(v):
+                return False
+        elif isinstance(v, np.ndarray) and v.dtype.kind == "f":
+            if not np.isfinite(v).all():
+                return False
+        elif isinstance(v, float) and not np.isfinite(v):
+            return False
+        elif isinstance(v, list) and v and isinstance(v[0], float) and not np.isfinite(v).all():
+            return False
+    return True
 
 
 def run_jobs(work: Sequence[tuple[ModelHandle, Job]]) -> list[dict[str, Any]]:
