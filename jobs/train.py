@@ -4,7 +4,9 @@
     ray job submit --working-dir . -- python jobs/train.py --config configs/qwen0.5b-gpu.yaml
 
 With no arguments: local Ray, CPU workers, the synthetic data set, MLflow in a sqlite file
-under runs/. Honours RAY_ADDRESS and MLFLOW_TRACKING_URI.
+under runs/. Honours RAY_ADDRESS and MLFLOW_TRACKING_URI. Rerunning with the same
+tracking.run_name resumes that run (only train.epochs / train.max_steps may grow).
+Exit code 2: a config error, named with its fix.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         from karma.train.ray_job import run_training
 
         result = run_training(cfg)
-    except ConfigError as err:
+    except ConfigError as err:  # also a rerun under a used tracking.run_name with a changed config
         print(f"config error: {err}", file=sys.stderr)
         return 2
     summary = {"metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},

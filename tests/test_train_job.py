@@ -19,7 +19,7 @@ from karma.export import load_export
 from karma.pipeline import prepare
 from karma.retrieval import evaluate_retrieval
 from karma.tracking import mlflow_key
-from karma.train.ray_job import check_arch, check_resources, run_training, steps_plan
+from karma.train.ray_job import check_arch, check_resources, resume_conflicts, run_training, steps_plan
 from karma.train.worker import FAULT_ENV
 
 EPOCHS = 4
@@ -167,3 +167,52 @@ def test_more_workers_than_cpus(session, cache_dir):
     cfg = tiny_cfg(cache_dir, "dist.num_workers=8")
     with pytest.raises(ConfigError, match=r"dist.num_workers=8 .* needs 9 CPUs but the cluster has"):
         check_resources(cfg)
+
+
+def _main(argv: list[str]) -> int:
+    import sys
+
+    sys.path.insert(0, str(ROOT / "jobs"))
+    from train import main
+
+    return main(argv)
+
+
+def _config_file(path, cfg, **changes) -> str:
+    """`cfg` as a YAML file, with {"section.key": value} changes."""
+    import yaml
+
+    values = cfg.to_dict()
+    for dotted, value in changes.items():
+        section, key = dotted.split(".")
+        values[section][key] = value
+    path.write_text(yaml.safe_dump(values))
+    return str(path)
+
+
+def test_rerun_with_a_changed_config_is_refused(trained, tmp_path, capsys):
+    """The same tracking.run_name with another learning rate and fewer epochs would resume the old
+    checkpoints and MLflow run (and register those weights under the new settings): refused by
+    name, before anything runs, and the finished run is left as it was."""
+    cfg, result, root, _ = trained
+    client = mlflow.MlflowClient(f"sqlite:///{root}/mlflow.db")
+    before = client.get_run(result.run_id)
+    changed = _config_file(tmp_path / "changed.yaml", cfg, **{"train.lr": 0.5, "train.epochs": 2})
+    assert _main(["--config", changed]) == 2
+    err = capsys.readouterr().err
+    assert "config error: tracking.run_name='e2e' already has checkpoints" in err
+    assert "['train.epochs', 'train.lr']" in err and "train.lr: '100.0' -> '0.5'" in err
+    assert "Choose a new tracking.run_name" in err
+    after = client.get_run(result.run_id)
+    assert after.info.status == "FINISHED" and after.data.params == before.data.params
+    assert not any(k.startswith("param_changed.") for k in after.data.tags)
+    assert len(client.search_runs([after.info.experiment_id], "attributes.run_name = 'e2e'")) == 1
+
+
+def test_resume_conflicts_lets_only_epochs_and_max_steps_grow():
+    base = {"train.epochs": "4", "train.max_steps": "100", "train.lr": "0.1"}
+    assert resume_conflicts(base, {**base, "train.epochs": "6", "train.max_steps": "0"}) == []  # 0: no cap
+    assert resume_conflicts(base, {**base, "train.epochs": "3"}) == ["train.epochs"]
+    assert resume_conflicts({**base, "train.max_steps": "0"}, {**base, "train.max_steps": "500"}) == [
+        "train.max_steps"]
+    assert resume_conflicts(base, {**base, "train.lr": "0.2", "model.new": "1"}) == ["model.new", "train.lr"]

@@ -204,6 +204,31 @@ def set_global_uris(tracking_uri: str) -> None:
             os.environ[key] = value
 
 
+def _newest_run(client: MlflowClient, experiment_id: str, run_name: str, parent_run_id: str | None):
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"attributes.run_name = {_quoted(run_name, 'tracking.run_name')}",
+        run_view_type=ViewType.ACTIVE_ONLY,
+        order_by=["attributes.start_time DESC"],
+        max_results=100,
+    )
+    for run in runs:
+        # A top-level job must not resume a same-named trial nested under a sweep.
+        if run.data.tags.get("mlflow.parentRunId") == parent_run_id:
+            return run
+    return None
+
+
+def find_run(experiment: str, run_name: str, tracking_uri: str, parent_run_id: str | None = None):
+    """The run `RunTracker` would resume (the newest active run of that name and parent), or
+    None; reads only (creates no experiment, changes no status)."""
+    client = _client(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None or exp.lifecycle_stage == "deleted":
+        return None
+    return _newest_run(client, exp.experiment_id, run_name, parent_run_id)
+
+
 class RunTracker:
     """One MLflow run, found again by name on resume, closed by `end` or the `with` block."""
 
@@ -245,18 +270,7 @@ class RunTracker:
             self.set_tags(tags)
 
     def _find_run(self, run_name: str, parent_run_id: str | None):
-        runs = self.client.search_runs(
-            [self._experiment_id],
-            filter_string=f"attributes.run_name = {_quoted(run_name, 'tracking.run_name')}",
-            run_view_type=ViewType.ACTIVE_ONLY,
-            order_by=["attributes.start_time DESC"],
-            max_results=100,
-        )
-        for run in runs:
-            # A top-level job must not resume a same-named trial nested under a sweep.
-            if run.data.tags.get("mlflow.parentRunId") == parent_run_id:
-                return run
-        return None
+        return _newest_run(self.client, self._experiment_id, run_name, parent_run_id)
 
     @property
     def run_id(self) -> str:

@@ -5,8 +5,11 @@ Tune sweep."""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +20,10 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from karma.config import Config, ConfigError
 from karma.train.worker import train_loop_per_worker
+
+# What a rerun of the same tracking.run_name may change: a longer run continues the same training.
+GROWABLE = ("train.epochs", "train.max_steps")
+JOB_CONFIG = "job_config.json"  # under <storage>/<run_name>/: the config the run's checkpoints come from
 
 
 @dataclass
@@ -173,20 +180,86 @@ def materialize(checkpoint, target: Path) -> Path:
     return Path(checkpoint.to_directory(str(target)))
 
 
+def _grows(key: str, old: str | None, new: str | None) -> bool:
+    try:
+        a, b = int(old), int(new)
+    except (TypeError, ValueError):
+        return False
+    if key == "train.max_steps":  # 0: no cap
+        a, b = a if a > 0 else math.inf, b if b > 0 else math.inf
+    return b >= a
+
+
+def resume_conflicts(old: Mapping[str, str], new: Mapping[str, str]) -> list[str]:
+    """Keys of two flattened configs whose values differ, except `GROWABLE` ones that grow."""
+    return [k for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k) and not (k in GROWABLE and _grows(k, old.get(k), new.get(k)))]
+
+
+def _refuse_changed(cfg: Config, keys: list[str], old: Mapping[str, str], new: Mapping[str, str], where: str):
+    def show(v: str | None) -> str:
+        return "(absent)" if v is None else repr(v if len(v) <= 60 else v[:57] + "...")
+
+    changes = "; ".join(f"{k}: {show(old.get(k))} -> {show(new.get(k))}" for k in keys)
+    return ConfigError(
+        f"tracking.run_name={cfg.tracking.run_name!r} already has checkpoints ({where}) trained with another "
+        f"config; changed: {keys} ({changes}). Rerunning under the same name resumes those weights and that "
+        f"MLflow run, so only {' and '.join(GROWABLE)} may grow on resume. Choose a new tracking.run_name "
+        "for the new settings, or rerun with the recorded values.")
+
+
+def check_resume(cfg: Config, root: Path, uri: str, parent_run_id: str | None = None, log=print) -> bool:
+    """Before a job touches Ray or MLflow: refuse a rerun under an existing tracking.run_name
+    whose config changed (other than `GROWABLE` growing) while that run has Ray checkpoints to
+    resume, since the old weights would continue (and be registered) under the new settings.
+    Returns whether the MLflow run of that name may be resumed: not when its params differ but
+    nothing is resumed (the earlier attempt left no checkpoint, e.g. it failed on its data);
+    that attempt keeps its run and this one gets a fresh one."""
+    from karma.tracking import find_run, flatten, mlflow_key
+
+    name = cfg.tracking.run_name
+    new = flatten(cfg.to_dict())
+    ray_dir = root / "ray" / name
+    has_checkpoints = ray_dir.is_dir() and any(ray_dir.glob("checkpoint_*"))
+    recorded = root / name / JOB_CONFIG
+    if has_checkpoints and recorded.is_file():
+        old = flatten(json.loads(recorded.read_text()))
+        if keys := resume_conflicts(old, new):
+            raise _refuse_changed(cfg, keys, old, new, str(ray_dir))
+    run = find_run(cfg.tracking.experiment, name, uri, parent_run_id)
+    if run is None or not run.data.params:
+        return True
+    logged = {mlflow_key(k): v for k, v in new.items()}
+    keys = resume_conflicts(dict(run.data.params), logged)
+    if not keys:
+        return True
+    if has_checkpoints:
+        raise _refuse_changed(cfg, keys, run.data.params, logged, f"{ray_dir}; MLflow run {run.info.run_id}")
+    log(f"MLflow run {run.info.run_id} named {name!r} was logged with another config ({keys} changed) and left "
+        "no checkpoint to resume: this job gets a new MLflow run of the same name")
+    return False
+
+
 def run_training(cfg: Config, log=print, parent_run_id: str | None = None,
                  callbacks: list | None = None) -> TrainResult:
-    """The whole training job: Ray Train fit, MLflow run, export registration."""
+    """The whole training job: Ray Train fit, MLflow run, export registration. A rerun under an
+    existing tracking.run_name resumes that run; with a changed config it is refused
+    (`check_resume`)."""
     from karma.tracking import RunTracker, metric_tags, register_export, resolve_tracking_uri
 
     check_arch(cfg)  # before Ray and MLflow: a refused config leaves no run behind
-    init_ray(cfg)
     root = storage_root(cfg)
     run_root = root / cfg.tracking.run_name
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri, root)
+    resume = check_resume(cfg, root, uri, parent_run_id, log)
+    init_ray(cfg)
     with RunTracker(cfg.tracking.experiment, cfg.tracking.run_name, uri, parent_run_id=parent_run_id,
-                    tags={"karma.config_digest": cfg.digest()}) as tracker:
-        tracker.log_params(cfg.to_dict(), on_conflict="tag")  # a resumed run may change epochs
+                    tags={"karma.config_digest": cfg.digest()}, resume=resume) as tracker:
+        # check_resume let through only epochs / max_steps growing: those are recorded as tags
+        tracker.log_params(cfg.to_dict(), on_conflict="tag")
         tracker.log_dict(cfg.to_dict(), "config.json")
+        run_root.mkdir(parents=True, exist_ok=True)
+        (run_root / JOB_CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2))
         result, summary = fit(cfg, run_root, tracker.run_id, uri, log, callbacks)
         if result.error:
             raise result.error
