@@ -6,7 +6,7 @@
 With no arguments: local Ray, CPU workers, the synthetic data set, MLflow in a sqlite file
 under runs/. Honours RAY_ADDRESS and MLFLOW_TRACKING_URI. Rerunning with the same
 tracking.run_name resumes that run (only train.epochs / train.max_steps may grow).
-Exit code 2: a config error, named with its fix.
+Exit code 2: a config or data error, named with its fix.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import sys
 import _bootstrap  # noqa: F401  (puts platform/ on the path)
 
 from karma.config import ConfigError, load_config
+from karma.data import DataError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
         result = run_training(cfg)
     except ConfigError as err:  # also a rerun under a used tracking.run_name with a changed config
         print(f"config error: {err}", file=sys.stderr)
+        return 2
+    except DataError as err:  # raised in the Ray data task; the message names the file and the fix
+        print(f"data error: {err}", file=sys.stderr)
         return 2
     summary = {"metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
                "mlflow_run_id": result.run_id, "model_version": result.model_version,

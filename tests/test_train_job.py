@@ -15,6 +15,7 @@ import ray
 
 from conftest import ROOT, tiny_cfg
 from karma.config import ConfigError
+from karma.data import DataError
 from karma.export import load_export
 from karma.pipeline import prepare
 from karma.retrieval import evaluate_retrieval
@@ -216,3 +217,27 @@ def test_resume_conflicts_lets_only_epochs_and_max_steps_grow():
     assert resume_conflicts({**base, "train.max_steps": "0"}, {**base, "train.max_steps": "500"}) == [
         "train.max_steps"]
     assert resume_conflicts(base, {**base, "train.lr": "0.2", "model.new": "1"}) == ["model.new", "train.lr"]
+
+
+def test_data_error_in_the_ray_task_exits_2_naming_it(session, cache_dir, tmp_path, capsys):
+    """A DataError raised inside the Ray data task reaches the job as itself (not Ray's wrapper):
+    exit code 2 and the error's own message. Fixing the data under the same run name is then no
+    'changed config' refusal: that attempt left no checkpoint, so it just gets a new MLflow run."""
+    _, root, _ = session
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cfg = tiny_cfg(cache_dir, f"dist.storage_path={root}", "tracking.run_name=bad-data", "data.source=parquet",
+                   f"data.path={empty}")
+    with pytest.raises(DataError, match=r"items\.parquet: file not found") as info:
+        run_training(cfg, log=lambda m: None)
+    assert not isinstance(info.value, ray.exceptions.RayTaskError)
+    other = tmp_path / "other"
+    other.mkdir()
+    assert _main(["--config", _config_file(tmp_path / "bad.yaml", cfg, **{"data.path": str(other)})]) == 2
+    err = capsys.readouterr().err
+    assert f"data error: {other}/items.parquet: file not found" in err and "Traceback" not in err
+    client = mlflow.MlflowClient(f"sqlite:///{root}/mlflow.db")
+    runs = client.search_runs(client.get_experiment_by_name(cfg.tracking.experiment).experiment_id,
+                              "attributes.run_name = 'bad-data'")
+    assert sorted(r.data.params["data.path"] for r in runs) == sorted([str(empty), str(other)])
+    assert {r.info.status for r in runs} == {"FAILED"}

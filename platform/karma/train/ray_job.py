@@ -16,9 +16,11 @@ from pathlib import Path
 import numpy as np
 import ray
 import ray.train
+from ray.exceptions import RayTaskError
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from karma.config import Config, ConfigError
+from karma.data import DataError
 from karma.train.worker import train_loop_per_worker
 
 # What a rerun of the same tracking.run_name may change: a longer run continues the same training.
@@ -128,7 +130,14 @@ def fit(cfg: Config, run_root: Path, mlflow_run_id: str | None = None, tracking_
     the RunConfig (a Tune trial passes TuneReportCallback so every epoch reaches Tune)."""
     check_resources(cfg)
     data_dir = run_root / "data"
-    summary = ray.get(prepare_data.remote(cfg.to_dict(), str(data_dir)))
+    try:
+        summary = ray.get(prepare_data.remote(cfg.to_dict(), str(data_dir)))
+    except RayTaskError as err:
+        # Bad data or config: raise the task's own error (its message names the file or field
+        # and the fix), as outside Ray, not Ray's wrapper with a remote traceback.
+        if isinstance(err.cause, (DataError, ConfigError)):
+            raise err.cause from None
+        raise
     per_epoch, total = steps_plan(cfg, summary["n_train"])
     log(f"training {total} steps ({per_epoch}/epoch) on {cfg.dist.num_workers} workers, "
         f"ZeRO-{cfg.dist.zero_stage} {cfg.dist.precision}")
