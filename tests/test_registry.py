@@ -1,7 +1,7 @@
 """The registered model against a real MLflow sqlite registry: a tiny KARMA export registered
-with "models from code" loads through `mlflow.pyfunc.load_model` in a fresh process (MLflow's
-default: pickle deserialization refused) and predicts what the export computes; nothing in
-the model version is a pickle."""
+with "models from code" loads through `mlflow.pyfunc.load_model` in a fresh process that
+refuses to unpickle models (MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false) and predicts what the
+export computes; nothing in the model version is a pickle."""
 
 from __future__ import annotations
 
@@ -48,8 +48,8 @@ def test_registered_model_loads_from_code_and_predicts(registered):
         "model = mlflow.pyfunc.load_model('models:/karma-code@champion')\n"
         "print(json.dumps(model.predict(pd.DataFrame({'history': json.loads(sys.argv[2])}))))\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"}
-    env["PYTHONPATH"] = str(ROOT / "platform")
+    # MLflow unpickles pyfunc models by default; refused here, a pickled model fails to load
+    env = {**os.environ, "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false", "PYTHONPATH": str(ROOT / "platform")}
     out = subprocess.run([sys.executable, "-c", code, uri, json.dumps(histories)], capture_output=True,
                          text=True, env=env, cwd=tmp, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
