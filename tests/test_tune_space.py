@@ -120,15 +120,28 @@ def test_space_is_checked_against_the_config(changes, needle):
     assert needle in str(err.value)
 
 
-def test_long_tail_metrics_are_sweep_objectives():
-    for metric in ("tail/HR@10", "tail/NDCG@10", "tail/MRR"):
-        check_space(space(metric=metric), tiny())
+@pytest.mark.parametrize("metric, near_miss, needle", [
+    ("tail/HR@10", "tail/HR@20", "needs K=20 in train.ks"),
+    ("tail/NDCG@10", "tail/NDCG@20", "needs K=20 in train.ks"),
+    ("tail/MRR", "tail/MRR@10", "is not reported by training"),
+])
+def test_long_tail_metrics_are_sweep_objectives(metric, near_miss, needle, tmp_path):
+    cfg = sweep_config(ROOT / "configs" / "tiny.yaml", [f"dist.storage_path={tmp_path}"], space(metric=metric))
+    assert cfg.train.ks == [10, 50, 200]
+    # Its near miss (a K the config does not compute, a cut-off MRR does not take) is refused.
+    with pytest.raises(SpaceError, match=f"metric: '?{near_miss}'? {needle}"):
+        check_space(space(metric=near_miss), cfg)
 
 
-def test_only_a_sample_is_checked_so_a_bad_grid_value_fails_its_own_trial():
+def test_only_a_sample_is_checked_so_a_bad_grid_value_fails_its_own_trial(tmp_path):
     # n_interest=0 breaks a cross-field rule; the sweep starts and that trial errors.
     sp = space(params={"model.n_interest": {"grid": [1, 0]}})
-    check_space(sp, tiny())
+    cfg = sweep_config(ROOT / "configs" / "tiny.yaml", [f"dist.storage_path={tmp_path}"], sp)
+    assert trial_values({"model.n_interest": 0}, sp) == {"model.n_interest": 0}
+    assert expected_trials(sp) == 2
+    # The first grid value is the sample checked up front; with 0 first the sweep is refused.
+    with pytest.raises(SpaceError, match="params.model.n_interest: model.n_interest: must be at least 1"):
+        check_space(space(params={"model.n_interest": {"grid": [0, 1]}}), cfg)
 
 
 def test_space_overrides_then_command_line_then_params(tmp_path):
