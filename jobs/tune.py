@@ -8,7 +8,9 @@ Overrides apply to every trial, after the space's own `overrides`. One MLflow pa
 sweep, a child run per trial; at the end the best trial's model version takes the space's
 champion alias (default "champion") only if it beats the current holder. An interrupted sweep
 (Ctrl+C, a lost driver) continues with --resume and the same arguments; finished trials are
-not run again. See tune_spaces/README.md for the space format.
+not run again. Trial values are sampled with the config's train.seed: the same space, config and
+seed draw the same trials (set train.seed to draw others). See tune_spaces/README.md for the
+space format.
 """
 
 from __future__ import annotations

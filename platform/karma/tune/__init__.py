@@ -13,7 +13,8 @@ Layout of a sweep named NAME under `dist.storage_path` (ROOT):
     ROOT/ray/NAME-<trial_id>/  each trial's Ray Train run (resumes by name)
 
 Trial names carry no timestamps: a resumed sweep finds each unfinished trial's Train
-checkpoints and MLflow run again by name.
+checkpoints and MLflow run again by name. Trial configs are sampled with the sweep config's
+`train.seed`, so the same space, config and seed draw the same trials.
 """
 
 from .report import (REPORT_METRICS, TEST_PREFIX, SweepReport, arm_label, arms_table, markdown_table, report_split,
@@ -22,12 +23,12 @@ from .run import (MANIFEST, TRIAL_DRIVER_MEMORY, SweepResult, TrialSummary, conc
                   read_manifest, run_sweep, run_trial, summarize, trial_run_name)
 from .space import (ARM, DISTRIBUTIONS, KNOWN_METRICS, RESERVED_PARAMS, SCHEDULER_KEYS, SPACE_KEYS, Space, SpaceError,
                     ZeroOrLogUniform, check_metric, check_space, expected_trials, load_space, param_space, parse_seeds,
-                    parse_space, sweep_config, trial_values)
+                    parse_space, search_algorithm, sweep_config, trial_values)
 
 __all__ = [
     "ARM", "DISTRIBUTIONS", "KNOWN_METRICS", "RESERVED_PARAMS", "SCHEDULER_KEYS", "SPACE_KEYS", "Space", "SpaceError",
     "ZeroOrLogUniform", "check_metric", "check_space", "expected_trials", "load_space", "param_space", "parse_seeds",
-    "parse_space", "sweep_config", "trial_values",
+    "parse_space", "search_algorithm", "sweep_config", "trial_values",
     "MANIFEST", "TRIAL_DRIVER_MEMORY", "SweepResult", "TrialSummary", "concurrency", "experiment_path", "pick_best",
     "read_manifest", "run_sweep", "run_trial", "summarize", "trial_run_name",
     "REPORT_METRICS", "TEST_PREFIX", "SweepReport", "arm_label", "arms_table", "markdown_table", "report_split",

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from karma.config import Config, ConfigError, from_dict
 
-from .space import ARM, Space, expected_trials, param_space, trial_values
+from .space import ARM, Space, expected_trials, param_space, search_algorithm, trial_values
 
 MANIFEST = "karma_sweep.json"
 TRIAL_DRIVER_MEMORY = 256 * 1024**2  # bytes the trial's own process reserves (see run_sweep)
@@ -232,7 +232,8 @@ def run_sweep(space: Space, cfg: Config, resume: bool = False, log: Callable[[st
             tracker.log_dict(cfg_dict, "config.json")
             tracker.log_params({"sweep.metric": space.metric, "sweep.mode": space.mode,
                                 "sweep.num_samples": space.num_samples,
-                                "sweep.max_concurrent_trials": n_concurrent})
+                                "sweep.max_concurrent_trials": n_concurrent,
+                                "sweep.sample_seed": cfg.train.seed})
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, base=cfg_dict, space=space.to_dict(), parent_run_id=tracker.run_id),
             # No CPU: the trial only waits on its TorchTrainer, whose workers hold the CPUs. Ray
@@ -256,8 +257,10 @@ def run_sweep(space: Space, cfg: Config, resume: bool = False, log: Callable[[st
                 trainable, param_space=param_space(space),
                 tune_config=tune.TuneConfig(
                     metric=space.metric, mode=space.mode, num_samples=space.num_samples, scheduler=scheduler,
-                    max_concurrent_trials=n_concurrent, time_budget_s=space.time_budget_s,
-                    trial_dirname_creator=_trial_dirname),
+                    # Sampling seeded by the config's train.seed: the same sweep draws the same
+                    # trials. The search algorithm holds the concurrency bound itself.
+                    search_alg=search_algorithm(cfg.train.seed, n_concurrent),
+                    time_budget_s=space.time_budget_s, trial_dirname_creator=_trial_dirname),
                 run_config=tune.RunConfig(
                     name=space.name, storage_path=str(path.parent),
                     # A crashing trial is recorded as failed; the sweep goes on with the rest.

@@ -1,5 +1,5 @@
 """Search spaces: the YAML file's parsing and checks (also against the sweep's config), what a
-space expands to (trials, arms), and its sampling: the Tune domains of its distributions.
+space expands to (trials, arms), and its sampling: Tune domains and the seeded search algorithm.
 
 See tune_spaces/README.md for the file format."""
 
@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import numpy as np
 import yaml
+from ray.tune.search.sample import BaseSampler, Domain
 
 from karma.config import Config, ConfigError, from_dict, load_config
 
@@ -325,17 +326,41 @@ def expected_trials(space: Space) -> int:
 # ---------------------------------------------------------------- sampling
 
 
-class ZeroOrLogUniform:
+class ZeroOrLogUniform(Domain):
     """Exactly 0 with probability `zero_prob`, else log-uniform in [low, high]: the "off"
-    setting of a loss weight is a point a log scale never reaches."""
+    setting of a loss weight is a point a log scale never reaches. A Tune domain, so it draws
+    from the search algorithm's (seeded) generator like Tune's own distributions."""
+
+    class _Sampler(BaseSampler):
+        def sample(self, domain: ZeroOrLogUniform, config: Any = None, size: int = 1,
+                   random_state: Any = None) -> float | list[float]:
+            # Domain.sample hands in Tune's generator wrapper; np.random when none was given.
+            rng = random_state if random_state is not None else np.random
+            draws = [domain.draw(rng) for _ in range(size)]
+            return draws if size > 1 else draws[0]
+
+    default_sampler_cls = _Sampler
 
     def __init__(self, low: float, high: float, zero_prob: float) -> None:
         self.low, self.high, self.zero_prob = float(low), float(high), float(zero_prob)
 
-    def __call__(self, spec: Any = None) -> float:
-        if np.random.random() < self.zero_prob:
+    def draw(self, rng: Any) -> float:
+        """One value from `rng` (a numpy Generator or RandomState, or Tune's wrapper of one)."""
+        if rng.uniform(0.0, 1.0) < self.zero_prob:
             return 0.0
-        return float(np.exp(np.random.uniform(np.log(self.low), np.log(self.high))))
+        return float(np.exp(rng.uniform(np.log(self.low), np.log(self.high))))
+
+    def __call__(self, config: Any = None) -> float:
+        # Sweeps saved before this was a domain hold it inside tune.sample_from: a resumed one
+        # calls it for its remaining trials, from NumPy's global state as it did then.
+        return self.draw(np.random)
+
+    def is_valid(self, value: Any) -> bool:
+        return value == 0 or self.low <= value <= self.high
+
+    @property
+    def domain_str(self) -> str:
+        return f"(0 with p={self.zero_prob:g}, else loguniform {self.low:g}..{self.high:g})"
 
 
 def param_space(space: Space) -> dict[str, Any]:
@@ -351,7 +376,7 @@ def param_space(space: Space) -> dict[str, Any]:
         elif "uniform" in spec:
             out[key] = tune.uniform(*spec["uniform"])
         elif spec.get("zero_prob"):
-            out[key] = tune.sample_from(ZeroOrLogUniform(*spec["loguniform"], spec["zero_prob"]))
+            out[key] = ZeroOrLogUniform(*spec["loguniform"], spec["zero_prob"])
         else:
             out[key] = tune.loguniform(*spec["loguniform"])
     if space.arms:
@@ -359,3 +384,12 @@ def param_space(space: Space) -> dict[str, Any]:
     if space.seeds:
         out["train.seed"] = tune.grid_search(list(space.seeds))
     return out
+
+
+def search_algorithm(seed: int, max_concurrent: int = 0) -> Any:
+    """Tune's grid/random search with its sampling seeded: the same space, seed and number of
+    samples draw the same trial configs, so a sweep can be repeated (unseeded, Tune draws from
+    NumPy's global state). `max_concurrent` bounds the trials running at once (0 = no bound)."""
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    return BasicVariantGenerator(max_concurrent=max_concurrent, random_state=seed)
