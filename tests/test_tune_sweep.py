@@ -17,6 +17,10 @@ from karma.config import ConfigError
 from karma.tracking import alias_version, mlflow_key
 from karma.tune import SweepResult, parse_space, report_sweep, run_sweep, sweep_config
 
+# The first test's fixture runs a whole 4-trial sweep: more than the suite's default timeout
+# allows on a busy 2-core machine.
+pytestmark = pytest.mark.timeout(1800)
+
 TINY = ["train.max_steps=6", "train.analysis_examples=8", "train.eval_max_users=64",
         "data.synthetic_users=150", "dist.num_workers=1", "dist.zero_stage=0", "dist.precision=fp32"]
 
