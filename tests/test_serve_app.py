@@ -35,7 +35,8 @@ from karma.losses import head_scores
 from karma.retrieval import exact_topk
 from karma.serving import TOKEN_FILE_ENV, ModelNotFoundError
 from karma.step import prepare_batch
-from karma.tracking import RunTracker, register_export, resolve_tracking_uri, set_alias
+from karma.registry import register_export, set_alias
+from karma.tracking import RunTracker, resolve_tracking_uri
 from karma.train.plain import train_plain
 from karma.train.ray_job import storage_root
 

@@ -43,7 +43,8 @@ from karma.serving import (
     token_matches,
     user_features,
 )
-from karma.tracking import RunTracker, _cache_root, export_dir_of, register_export
+from karma.registry import _cache_root, export_dir_of, register_export
+from karma.tracking import RunTracker
 
 R = 1 / math.sqrt(2)
 
@@ -242,7 +243,7 @@ def test_busy_wait_waits_only_while_batches_hold_several_requests() -> None:
         BusyWait(0.01, decay=1.0)
 
 
-# ---- the model cache (karma.tracking.export_dir_of, what replicas load versions through) -------
+# ---- the model cache (karma.registry.export_dir_of, what replicas load versions through) -------
 
 CACHED = "karma-cache-test"
 

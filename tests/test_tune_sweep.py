@@ -14,7 +14,8 @@ from ray import tune
 
 from conftest import ROOT
 from karma.config import ConfigError
-from karma.tracking import alias_version, mlflow_key
+from karma.registry import alias_version
+from karma.tracking import mlflow_key
 from karma.tune import SweepResult, parse_space, report_sweep, run_sweep, sweep_config
 
 # The first test's fixture runs a whole 4-trial sweep: more than the suite's default timeout

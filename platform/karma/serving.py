@@ -398,7 +398,7 @@ class ModelSpec:
         """The registry version this spec points at now (None for an export folder)."""
         if not self.registered_name:
             return None
-        from karma.tracking import alias_version
+        from karma.registry import alias_version
 
         uri = self.resolved_uri()
         if self.version:
@@ -466,7 +466,7 @@ def _not_found(name: str, ref: str, uri: str) -> ModelNotFoundError:
         f"model.alias: registered model {name!r} has no alias {ref!r} in {uri}; its aliases: "
         f"{aliases or 'none'} (list them with `mlflow.MlflowClient({uri!r}).get_registered_model({name!r})"
         f".aliases`). Serve one of those, pin model.version, or point the alias at a version with "
-        f"karma.tracking.set_alias({name!r}, {ref!r}, VERSION, {uri!r})", name, ref)
+        f"karma.registry.set_alias({name!r}, {ref!r}, VERSION, {uri!r})", name, ref)
 
 
 @dataclass
@@ -511,7 +511,7 @@ class ModelHandle:
         concurrent alias move cannot mix two versions in one load)."""
         if spec.export_path:
             return cls.from_export(spec.export_path, spec, None, device)
-        from karma.tracking import export_dir_of
+        from karma.registry import export_dir_of
 
         uri = spec.resolved_uri()
         version = version or spec.resolve_version()

@@ -254,7 +254,8 @@ def run_training(cfg: Config, log=print, parent_run_id: str | None = None,
     """The whole training job: Ray Train fit, MLflow run, export registration. A rerun under an
     existing tracking.run_name resumes that run; with a changed config it is refused
     (`check_resume`)."""
-    from karma.tracking import RunTracker, metric_tags, register_export, resolve_tracking_uri
+    from karma.registry import metric_tags, register_export
+    from karma.tracking import RunTracker, resolve_tracking_uri
 
     check_arch(cfg)  # before Ray and MLflow: a refused config leaves no run behind
     root = storage_root(cfg)

@@ -196,7 +196,8 @@ def run_sweep(space: Space, cfg: Config, resume: bool = False, log: Callable[[st
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from karma.tracking import RunTracker, promote_if_better
+    from karma.registry import promote_if_better
+    from karma.tracking import RunTracker
     from karma.train.ray_job import init_ray
 
     init_ray(cfg)
