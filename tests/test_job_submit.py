@@ -62,21 +62,18 @@ def cluster(tmp_path_factory):
     shutil.rmtree(short_tmp, ignore_errors=True)
 
 
-def test_ray_job_submit_train_succeeds(cluster):
-    address, env, tmp = cluster
-    storage = tmp / "runs"
+def _submit(address: str, env: dict, *args: str, timeout: float = 600) -> tuple[str, str]:
+    """`ray job submit` of jobs/train.py with `args`; waits for the end; returns (status, logs)."""
     sub = f"karma-submit-{secrets.token_hex(3)}"
     cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
-           "--submission-id", sub, "--no-wait", "--", sys.executable, "jobs/train.py", "--config",
-           "configs/tiny.yaml", f"dist.storage_path={storage}", "dist.zero_stage=3", "train.analysis_examples=0",
-           "train.eval_max_users=100"]
+           "--submission-id", sub, "--no-wait", "--", sys.executable, "jobs/train.py", *args]
     for _ in range(30):  # the node's job agent comes up a little after the dashboard
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
         if out.returncode == 0 or "No available agent" not in out.stdout + out.stderr:
             break
         time.sleep(2)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    deadline, state = time.time() + 600, ""
+    deadline, state = time.time() + timeout, ""
     while time.time() < deadline:
         status = subprocess.run([str(BIN / "ray"), "job", "status", "--address", address, sub], env=env,
                                 capture_output=True, text=True)
@@ -86,6 +83,14 @@ def test_ray_job_submit_train_succeeds(cluster):
         time.sleep(3)
     logs = subprocess.run([str(BIN / "ray"), "job", "logs", "--address", address, sub], env=env,
                           capture_output=True, text=True).stdout
+    return state, logs
+
+
+def test_ray_job_submit_train_succeeds(cluster):
+    address, env, tmp = cluster
+    storage = tmp / "runs"
+    state, logs = _submit(address, env, "--config", "configs/tiny.yaml", f"dist.storage_path={storage}",
+                          "dist.zero_stage=3", "train.analysis_examples=0", "train.eval_max_users=100")
     assert "SUCCEEDED" in state, state + logs[-4000:]
     assert '"model_version": "1"' in logs  # the job's own summary line
     export = storage / "karma-tiny" / "final" / "export"
@@ -95,6 +100,19 @@ def test_ray_job_submit_train_succeeds(cluster):
     probe = pd.read_parquet(export / "probe_examples.parquet")
     got = load_export(export).interests([list(h) for h in probe["history"]])
     np.testing.assert_allclose(got, np.load(export / "probe_interests.npy"), atol=1e-5)
+
+
+def test_ray_job_submit_bad_data_fails_with_exit_code_2(cluster):
+    """A DataError raised in the job's Ray data task: the job fails with exit code 2 and the
+    error's own message (the missing file and what a data folder needs), no Ray traceback."""
+    address, env, tmp = cluster
+    empty = tmp / "no-data"
+    empty.mkdir()
+    state, logs = _submit(address, env, "--config", "configs/tiny.yaml", f"dist.storage_path={tmp / 'runs-bad'}",
+                          "data.source=parquet", f"data.path={empty}", timeout=300)
+    assert "FAILED" in state and "EXIT CODE 2" in state, state + logs[-4000:]
+    assert f"data error: {empty}/items.parquet: file not found" in logs, logs[-4000:]
+    assert "RayTaskError" not in logs
 
 
 def test_job_api_refuses_requests_without_the_token(cluster):
