@@ -6,7 +6,8 @@
 With no arguments: local Ray, CPU workers, the synthetic data set, MLflow in a sqlite file
 under runs/. Honours RAY_ADDRESS and MLFLOW_TRACKING_URI. Rerunning with the same
 tracking.run_name resumes that run (only train.epochs / train.max_steps may grow).
-Exit code 2: a config or data error, named with its fix.
+Exit code 2: a config or data error, named with its fix. Exit code 3: the training loss became
+NaN or inf (the run stops at that step; its last good checkpoint stays).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import _bootstrap  # noqa: F401  (puts platform/ on the path)
 
 from karma.config import ConfigError, load_config
 from karma.data import DataError
+from karma.train.loop import NonFiniteLoss
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as err:  # raised in the Ray data task; the message names the file and the fix
         print(f"data error: {err}", file=sys.stderr)
         return 2
+    except NonFiniteLoss as err:
+        print(f"training diverged: {err}", file=sys.stderr)
+        return 3
     summary = {"metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
                "mlflow_run_id": result.run_id, "model_version": result.model_version,
                "export_dir": str(result.export_dir) if result.export_dir else None, "steps": result.steps}

@@ -5,6 +5,7 @@
 
 The JSON holds validation and test metrics (with their long-tail breakdown, `tail/...`) and,
 when train.analysis_examples > 0, the semantic analyses of the test split (`analyses`).
+Exit code 2: a config or data error, named with its fix; 3: the training loss became NaN or inf.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from pathlib import Path
 import _bootstrap  # noqa: E402,F401  (puts platform/ on the path)
 
 from karma.config import Config, ConfigError, load_config  # noqa: E402
+from karma.data import DataError  # noqa: E402
+from karma.train.loop import NonFiniteLoss  # noqa: E402
 from karma.train.plain import train_plain  # noqa: E402
 
 SUMMARY_KEYS = ("popularity", "before", "epochs", "after", "best_epoch", "best", "test", "analyses", "steps", "seconds")
@@ -48,10 +51,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        result = train_plain(cfg)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    result = train_plain(cfg)
+    except DataError as err:
+        print(f"data error: {err}", file=sys.stderr)
+        return 2
+    except NonFiniteLoss as err:
+        print(f"training diverged: {err}", file=sys.stderr)
+        return 3
     summary = {"command": "python " + " ".join(sys.argv), **{k: result[k] for k in SUMMARY_KEYS if k in result}}
     if args.heatmap:
         summary["heatmap"] = write_heatmap(result, cfg, args.heatmap)

@@ -53,3 +53,9 @@ def test_job_writes_metrics_analyses_and_heatmap(cache_dir, tmp_path):
                                    f"data.cache_dir={cache_dir}", "train.max_steps=2", "train.analysis_examples=0"])
     assert no_analyses == 0 and "analyses" not in json.loads(out.read_text())
     assert np.isfinite(json.loads(out.read_text())["test"]["HR@10"])
+
+
+def test_job_names_bad_data_with_exit_code_2(cache_dir, tmp_path, capsys):
+    rc = load_job().main(["--config", str(ROOT / "configs" / "tiny.yaml"), f"data.cache_dir={cache_dir}",
+                          "data.source=recbole", f"data.path={tmp_path / 'missing'}"])
+    assert rc == 2 and "data error:" in capsys.readouterr().err

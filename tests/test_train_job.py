@@ -20,7 +20,8 @@ from karma.export import load_export
 from karma.pipeline import prepare
 from karma.retrieval import evaluate_retrieval
 from karma.tracking import mlflow_key
-from karma.train.ray_job import check_arch, check_resources, resume_conflicts, run_training, steps_plan
+from karma.train.loop import steps_plan
+from karma.train.ray_job import check_arch, check_resources, resume_conflicts, run_training
 from karma.train.worker import FAULT_ENV
 
 EPOCHS = 4
@@ -37,7 +38,7 @@ def session(tmp_path_factory, cache_dir):
     root = tmp_path_factory.mktemp("job")
     cfg = tiny_cfg(cache_dir, f"dist.storage_path={root}", "tracking.run_name=e2e", f"train.epochs={EPOCHS}",
                    "dist.num_workers=2", "dist.zero_stage=2", "dist.precision=bf16", "train.log_every=10", *PEAKING)
-    per_epoch, _ = steps_plan(cfg, len(prepare(cfg.data, log=lambda m: None).split.train))
+    per_epoch, _ = steps_plan(cfg.train, len(prepare(cfg.data, log=lambda m: None).split.train), cfg.dist.num_workers)
     ray.init(address="local", num_cpus=3,
              runtime_env={"env_vars": {FAULT_ENV: f"{per_epoch + 2}:{root / 'fault'}", "OMP_NUM_THREADS": "1"}})
     yield cfg, root, per_epoch

@@ -21,7 +21,8 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from karma.config import Config, ConfigError
 from karma.data import DataError
-from karma.train.worker import train_loop_per_worker
+from karma.train.loop import NonFiniteLoss, steps_plan
+from karma.train.worker import DIVERGED_NOTE, train_loop_per_worker
 
 # What a rerun of the same tracking.run_name may change: a longer run continues the same training.
 GROWABLE = ("train.epochs", "train.max_steps")
@@ -113,23 +114,13 @@ def init_ray(cfg: Config) -> None:
     ray.init(address="local", num_cpus=(os.cpu_count() or 1) + 1, runtime_env={"env_vars": env} if env else None)
 
 
-def steps_plan(cfg: Config, n_train: int) -> tuple[int, int]:
-    """(optimizer steps per epoch, total steps) given equal shards and no ragged batches."""
-    per_epoch = n_train // (cfg.train.batch_size * cfg.dist.num_workers * cfg.train.grad_accum)
-    if per_epoch < 1:
-        raise ConfigError(
-            f"train.batch_size={cfg.train.batch_size} x dist.num_workers={cfg.dist.num_workers} exceeds the "
-            f"{n_train} training examples; lower the batch size or the worker count")
-    total = per_epoch * cfg.train.epochs
-    return per_epoch, min(total, cfg.train.max_steps) if cfg.train.max_steps > 0 else total
-
-
 def fit(cfg: Config, run_root: Path, mlflow_run_id: str | None = None, tracking_uri: str | None = None,
         log=print, callbacks: list | None = None) -> tuple[ray.train.Result, dict]:
     """Run the Ray Train job; returns Ray's result and the data summary. `callbacks` go to
     the RunConfig (a Tune trial passes TuneReportCallback so every epoch reaches Tune)."""
     check_resources(cfg)
     data_dir = run_root / "data"
+    (run_root / DIVERGED_NOTE).unlink(missing_ok=True)  # a note from an earlier attempt is not this one's
     try:
         summary = ray.get(prepare_data.remote(cfg.to_dict(), str(data_dir)))
     except RayTaskError as err:
@@ -138,13 +129,13 @@ def fit(cfg: Config, run_root: Path, mlflow_run_id: str | None = None, tracking_
         if isinstance(err.cause, (DataError, ConfigError)):
             raise err.cause from None
         raise
-    per_epoch, total = steps_plan(cfg, summary["n_train"])
+    per_epoch, total = steps_plan(cfg.train, summary["n_train"], cfg.dist.num_workers)
     log(f"training {total} steps ({per_epoch}/epoch) on {cfg.dist.num_workers} workers, "
         f"ZeRO-{cfg.dist.zero_stage} {cfg.dist.precision}")
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "data_dir": str(data_dir), "steps_per_epoch": per_epoch,
-                           "total_steps": total, "mlflow_run_id": mlflow_run_id, "tracking_uri": tracking_uri},
+        train_loop_config={"config": cfg.to_dict(), "data_dir": str(data_dir), "mlflow_run_id": mlflow_run_id,
+                           "tracking_uri": tracking_uri},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.dist.num_workers, use_gpu=cfg.dist.use_gpu,
             resources_per_worker={"CPU": cfg.dist.cpus_per_worker,
@@ -273,6 +264,11 @@ def run_training(cfg: Config, log=print, parent_run_id: str | None = None,
         result, summary = fit(cfg, run_root, tracker.run_id, uri, log, callbacks)
         if result.error:
             raise result.error
+        diverged = run_root / DIVERGED_NOTE
+        if diverged.is_file():  # the loop stopped on a NaN/inf loss; its last good checkpoint stays
+            message = diverged.read_text()
+            diverged.unlink()
+            raise NonFiniteLoss(message)
         metrics = dict(result.metrics or {})
         ckpt_dir = export_dir = version = None
         if result.checkpoint is not None:

@@ -33,7 +33,8 @@ BEST_WEIGHTS = "best_model.safetensors"  # in every checkpoint: the best epoch's
 # worker process outright (":kill"), or turns the weights to NaN (":nan", a diverged run); the
 # marker file makes it happen once per run.
 FAULT_ENV = "KARMA_FAULT_AT_STEP"
-DIVERGED = "diverged"  # the report key that carries a NonFiniteLoss message to the driver
+# Written by rank 0 beside the run's data when the loss turns NaN/inf; the driver raises it.
+DIVERGED_NOTE = "diverged.txt"
 
 
 def _log(rank: int):
@@ -142,10 +143,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     metrics = _finish(trainer, metrics, data, Path(tmp), tracker)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
     except NonFiniteLoss as err:
-        # Not a fault a restart can fix (it would diverge again): end without a checkpoint, so
-        # the last good one stays the run's latest; the driver raises the error.
+        # Not a fault a restart can fix (it would diverge again), so no raise into Ray's retry:
+        # every rank ends here at the same step (the guard's check is collective), nothing is
+        # checkpointed, the last good checkpoint stays the run's latest, and the driver raises.
         log(str(err))
-        ray.train.report({"step": trainer.state.step, "epoch": trainer.state.epoch, DIVERGED: str(err)})
+        if rank == 0:
+            (data_dir.parent / DIVERGED_NOTE).write_text(str(err))
     finally:
         if tracker is not None:
             tracker.close()  # send what is queued (bounded wait); report what could not be delivered
