@@ -71,7 +71,8 @@ def test_engine_step_checkpoint_and_reload(items, cache_dir, tmp_path, stage, ne
     pytest.importorskip("deepspeed")
     from karma.data import collate
     from karma.factory import build_model
-    from karma.step import NegativeSampler, karma_losses, prepare_batch
+    from karma.batch import prepare_batch
+    from karma.step import NegativeSampler, karma_losses
     from karma.train.engine import gather_targets, make_engine, single_process_group
 
     cfg = tiny_cfg(cache_dir, f"dist.zero_stage={stage}", "dist.precision=fp32", "train.batch_size=4",

@@ -8,7 +8,8 @@ from conftest import tiny_cfg
 from karma.data import collate
 from karma.export import export_model, load_export
 from karma.factory import build_model
-from karma.step import NegativeSampler, karma_losses, prepare_batch
+from karma.batch import prepare_batch
+from karma.step import NegativeSampler, karma_losses
 
 
 def make_batch(model, tok, queries=None):

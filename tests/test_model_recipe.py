@@ -11,7 +11,7 @@ from karma.data import collate, epoch_order
 from karma.factory import build_model
 from karma.metrics import mean_pairwise_cosine
 from karma.model import KarmaModel, Prompts
-from karma.step import prepare_batch
+from karma.batch import prepare_batch
 from karma.text import tokenize_items
 
 

@@ -8,7 +8,7 @@ from karma.data import collate
 from karma.evaluate import retrieval_metrics, validation_subset
 from karma.factory import build_model
 from karma.sasrec import SASRec, sasrec_loss
-from karma.step import prepare_batch
+from karma.batch import prepare_batch
 from karma.train.plain import train_plain
 
 SASREC = ("model.arch=sasrec", "model.sasrec_hidden=32", "model.sasrec_heads=2", "data.text_encoder=none")

@@ -34,7 +34,7 @@ from karma.export import export_model, load_export
 from karma.losses import head_scores
 from karma.retrieval import exact_topk
 from karma.serving import TOKEN_FILE_ENV, ModelNotFoundError
-from karma.step import prepare_batch
+from karma.batch import prepare_batch
 from karma.registry import register_export, set_alias
 from karma.tracking import RunTracker, resolve_tracking_uri
 from karma.train.plain import train_plain

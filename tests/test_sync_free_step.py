@@ -12,7 +12,8 @@ from conftest import tiny_cfg
 from karma.data import collate
 from karma.factory import build_model
 from karma.losses import chunked_ce_sum, inverse_cdf_sample, popularity_log_prob, token_ce
-from karma.step import NegativeSampler, karma_losses, prepare_batch
+from karma.batch import prepare_batch
+from karma.step import NegativeSampler, karma_losses
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from karma.metrics import (TAIL_THRESHOLD, effective_rank, fidelity_report, long
                            ranking_report, readout_collapse, sink_stats, uniform_sink_rate)
 from karma.model import KarmaModel
 from karma.retrieval import evaluate_retrieval
-from karma.step import prepare_batch
+from karma.batch import prepare_batch
 from karma.text import Tokenizer, item_texts
 
 

@@ -29,7 +29,7 @@ from karma.backbone import backbone_from_config, with_lora
 from karma.config import Config, from_dict
 from karma.data import collate
 from karma.model import KarmaModel, Prompts
-from karma.step import prepare_batch
+from karma.batch import prepare_batch
 from karma.text import Tokenizer, load_tokenizer
 
 

@@ -76,7 +76,7 @@ class SASRec(nn.Module):
         self.final_norm = nn.LayerNorm(d)
         # karma.step.karma_losses divides scores by model.tau; SASRec's own loss does not use it
         self.register_buffer("tau", torch.tensor(1.0), persistent=False)
-        self.prompts = SimpleNamespace(query=[])  # read by karma.step.prepare_batch for queries
+        self.prompts = SimpleNamespace(query=[])  # read by karma.batch.prepare_batch for queries
         self.apply(self._init)
 
     @staticmethod

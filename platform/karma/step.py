@@ -16,7 +16,6 @@ import torch
 
 from karma.config import LossConfig
 from karma.losses import action_loss, inverse_cdf_sample, popularity_log_prob, token_ce, total_loss
-from karma.text import Tokenizer
 
 if TYPE_CHECKING:  # the model calls karma_losses (KarmaModel.loss): no import at run time
     from karma.model import KarmaModel
@@ -27,24 +26,6 @@ Gather = Callable[[torch.Tensor], tuple[torch.Tensor, int]]
 
 def local_gather(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     return x, 0
-
-
-def prepare_batch(batch: dict, model: KarmaModel, tok: Tokenizer, device: torch.device | str,
-                  max_query_tokens: int = 16) -> dict:
-    """Move a collated batch to `device`; tokenise queries (left-padded, `query:` prefix)."""
-    out = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-    queries = batch.get("query") or []
-    if any(q for q in queries):
-        rows = [model.prompts.query + tok.encode(q)[:max_query_tokens] if q else [] for q in queries]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), tok.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.bool)
-        for i, r in enumerate(rows):
-            if r:
-                ids[i, width - len(r):] = torch.tensor(r)
-                mask[i, width - len(r):] = True
-        out["query_ids"], out["query_mask"] = ids.to(device), mask.to(device)
-    return out
 
 
 class NegativeSampler:

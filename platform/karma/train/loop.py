@@ -27,7 +27,8 @@ from karma.evaluate import batches, semantic_analyses
 from karma.optim import make_optimizer, make_scheduler
 from karma.progress import Progress
 from karma.retrieval import evaluate_retrieval
-from karma.step import Gather, NegativeSampler, local_gather, prepare_batch
+from karma.batch import prepare_batch
+from karma.step import Gather, NegativeSampler, local_gather
 
 SELECT_METRIC = "NDCG@10"  # the validation metric early stopping and the best epoch follow
 

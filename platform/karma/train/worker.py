@@ -23,7 +23,8 @@ from karma.config import from_dict
 from karma.evaluate import batches
 from karma.export import export_model
 from karma.factory import build_model
-from karma.step import NegativeSampler, prepare_batch
+from karma.batch import prepare_batch
+from karma.step import NegativeSampler
 from karma.train.engine import full_state_dict, make_engine, set_cpu_threads, torch_linear
 from karma.train.loop import SELECT_METRIC, DeepSpeedBackend, LoopState, NonFiniteLoss, TrainData, Trainer, steps_plan
 
