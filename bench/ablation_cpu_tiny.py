@@ -178,7 +178,6 @@ def summarize(grid: Grid) -> str:
 def curve_figure(grid: Grid, path: Path, seed: int = 0, sasrec: Path = RESULTS / "sasrec_scientific.json") -> dict:
     """Validation NDCG@10 per epoch of each arm's run of `seed`, with SASRec's run of the same seed
     beside them (bench/sasrec_scientific.py records its curve), as a PNG; returns the curves."""
-    sys.path.insert(0, str(ROOT / "platform"))
     from karma.plots import metric_curve
 
     curves = {arm: [e["NDCG@10"] for e in r["epochs"]] for arm, rs in load_runs(grid).items()

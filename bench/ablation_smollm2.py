@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "platform"))
 
 from karma.tune import (ARM, TEST_PREFIX, Space, TrialSummary, arms_table, markdown_table,  # noqa: E402
                         read_manifest, summarize, trial_run_name)

@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "platform"))
 
 # name -> (config, overrides): the recipe's arms, and KARMA as it was before the cost switches
 ARMS = {

@@ -26,7 +26,6 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "platform"))
 
 from karma.retrieval import ItemIndex, _defaults, exact_topk  # noqa: E402
 

@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "platform"))
 
 METRICS = ("HR@10", "NDCG@10", "HR@50", "NDCG@50", "HR@200", "MRR")
 # long-tail targets (fewer than 5 training interactions): the breakdown KARMA's text should lift

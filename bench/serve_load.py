@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "platform")]
+sys.path.insert(0, str(ROOT))  # serve_apps, as the replicas import it
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), str(ROOT / "platform"),
                                                        os.environ.get("PYTHONPATH")) if p)
 

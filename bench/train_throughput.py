@@ -39,7 +39,6 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "platform"))
 
 # Llama-shaped backbones with random weights (dims from the models' published configs).
 SHAPES: dict[str, dict] = {

@@ -10,7 +10,6 @@ import pandas as pd
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "platform"))
 
 from karma.config import load_config  # noqa: E402
 

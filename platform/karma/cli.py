@@ -1,0 +1,206 @@
+"""The command-line jobs: `karma-train` (the Ray job), `karma-train-plain` (the plain run),
+`karma-tune` (a Ray Tune sweep) and `karma-report` (a sweep's report), installed as console
+scripts by pyproject.toml. `jobs/*.py` run the same functions from a source checkout (e.g. under
+`ray job submit --working-dir .`, where the package may not be installed on the nodes).
+Exit codes: 0 done, 2 a config or data error named with its fix, 3 the training loss became
+NaN or inf, 130 an interrupted sweep."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from karma.config import Config, ConfigError, load_config
+from karma.data import DataError
+from karma.train.loop import NonFiniteLoss
+
+# what the plain run's JSON keeps of its result
+SUMMARY_KEYS = ("popularity", "before", "epochs", "after", "best_epoch", "best", "test", "analyses", "steps", "seconds")
+
+TRAIN_HELP = """The KARMA training job: Ray Train + DeepSpeed ZeRO + MLflow (each worker reads its slice of a fresh per-epoch shuffle).
+
+    python jobs/train.py [--config PATH] [section.key=value ...]
+    ray job submit --working-dir . -- python jobs/train.py --config configs/qwen0.5b-gpu.yaml
+
+With no arguments: local Ray, CPU workers, the synthetic data set, MLflow in a sqlite file
+under runs/. Honours RAY_ADDRESS and MLFLOW_TRACKING_URI. Rerunning with the same
+tracking.run_name resumes that run (only train.epochs / train.max_steps may grow).
+Exit code 2: a config or data error, named with its fix. Exit code 3: the training loss became
+NaN or inf (the run stops at that step; its last good checkpoint stays).
+"""
+
+
+def train(argv: list[str] | None = None) -> int:
+    """`karma-train`: see TRAIN_HELP."""
+    parser = argparse.ArgumentParser(description=TRAIN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML config (default: the built-in embedded default)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=3e-4 dist.zero_stage=3")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        from karma.train.ray_job import run_training
+
+        result = run_training(cfg)
+    except ConfigError as err:  # also a rerun under a used tracking.run_name with a changed config
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    except DataError as err:  # raised in the Ray data task; the message names the file and the fix
+        print(f"data error: {err}", file=sys.stderr)
+        return 2
+    except NonFiniteLoss as err:
+        print(f"training diverged: {err}", file=sys.stderr)
+        return 3
+    summary = {"metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
+               "mlflow_run_id": result.run_id, "model_version": result.model_version,
+               "export_dir": str(result.export_dir) if result.export_dir else None, "steps": result.steps}
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+TRAIN_PLAIN_HELP = """Train with the plain single-process loop (no Ray, no DeepSpeed) and print HR@10 before/after.
+
+    python jobs/train_plain.py [--config configs/tiny.yaml] [--out result.json] [--heatmap attn.png]
+                               [section.key=value ...]
+
+The JSON holds validation and test metrics (with their long-tail breakdown, `tail/...`) and,
+when train.analysis_examples > 0, the semantic analyses of the test split (`analyses`).
+Exit code 2: a config or data error, named with its fix; 3: the training loss became NaN or inf.
+"""
+
+
+def write_heatmap(result: dict, cfg: Config, path: str) -> dict:
+    """The interest token's attention for the test user with the longest history, as a PNG."""
+    from karma.evaluate import interest_attention, longest_history
+    from karma.plots import attention_heatmap
+
+    test = result["prepared"].split.test
+    row = longest_history(test)
+    attn, rows, keys = interest_attention(result["model"], test.iloc[[row]], result["tokenizer"],
+                                          cfg.data.max_history, next(result["model"].parameters()).device)
+    user = int(test["user_id"].iloc[row])
+    title = (f"INT_1 attention, test user {user} (w_gen={cfg.loss.w_gen:g}, w_rec={cfg.loss.w_rec:g}, "
+             f"seed {cfg.train.seed})")
+    attention_heatmap(attn, rows, keys, title, path=path, row_title="layer, head")
+    return {"path": path, "user_id": user, "positions": len(keys)}
+
+
+def train_plain(argv: list[str] | None = None) -> int:
+    """`karma-train-plain`: see TRAIN_PLAIN_HELP."""
+    parser = argparse.ArgumentParser(description=TRAIN_PLAIN_HELP,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML config (default: the built-in defaults)")
+    parser.add_argument("--out", help="write the result metrics as JSON here")
+    parser.add_argument("--heatmap", help="write the interest token's attention map of one fixed test user "
+                                          "(the longest history) as PNG here")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=3e-4")
+    args = parser.parse_args(argv)
+    try:
+        from karma.train.plain import train_plain as run_plain
+
+        cfg = load_config(args.config, args.overrides)
+        result = run_plain(cfg)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    except DataError as err:
+        print(f"data error: {err}", file=sys.stderr)
+        return 2
+    except NonFiniteLoss as err:
+        print(f"training diverged: {err}", file=sys.stderr)
+        return 3
+    summary = {"command": "python " + " ".join(sys.argv), **{k: result[k] for k in SUMMARY_KEYS if k in result}}
+    if args.heatmap:
+        summary["heatmap"] = write_heatmap(result, cfg, args.heatmap)
+    print(json.dumps(summary, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(summary, indent=2))
+    return 0
+
+
+TUNE_HELP = """A Ray Tune sweep over the training job: each trial is a full training run.
+
+    python jobs/tune.py --space tune_spaces/loss_weights.yaml [--config PATH] [section.key=value ...]
+    python jobs/tune.py --space tune_spaces/ablation.yaml --config configs/tiny.yaml --resume
+    ray job submit --working-dir . -- python jobs/tune.py --space tune_spaces/loss_weights.yaml ...
+
+Overrides apply to every trial, after the space's own `overrides`. One MLflow parent run per
+sweep, a child run per trial; at the end the best trial's model version takes the space's
+champion alias (default "champion") only if it beats the current holder. An interrupted sweep
+(Ctrl+C, a lost driver) continues with --resume and the same arguments; finished trials are
+not run again. Trial values are sampled with the config's train.seed: the same space, config and
+seed draw the same trials (set train.seed to draw others). See tune_spaces/README.md for the
+space format.
+"""
+
+
+def tune(argv: list[str] | None = None) -> int:
+    """`karma-tune`: see TUNE_HELP."""
+    parser = argparse.ArgumentParser(description=TUNE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--space", required=True, help="search space YAML, e.g. tune_spaces/loss_weights.yaml")
+    parser.add_argument("--config", help="base training config (default: the built-in embedded default)")
+    parser.add_argument("--name", help="sweep name (default: the space's name); names folders and runs")
+    parser.add_argument("--seeds", help="comma-separated seeds replacing the space's, e.g. 1,2: part of a grid "
+                        "as its own sweep (give it its own --name)")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep of this name")
+    parser.add_argument("overrides", nargs="*", help="section.key=value for every trial, e.g. train.max_steps=50")
+    args = parser.parse_args(argv)
+    try:
+        from karma.tune import load_space, parse_seeds, run_sweep, sweep_config
+
+        space = load_space(args.space, args.name, parse_seeds(args.seeds) if args.seeds else None)
+        cfg = sweep_config(args.config, args.overrides, space)
+        result = run_sweep(space, cfg, resume=args.resume)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    summary = {
+        "sweep": result.name, "path": str(result.path), "mlflow_parent_run_id": result.parent_run_id,
+        "interrupted": result.interrupted,
+        "trials": [{"trial_id": t.trial_id, "status": t.status, "params": t.params,
+                    space.metric: t.metrics.get(space.metric), "model_version": t.model_version,
+                    "error": t.error} for t in result.trials],
+        "best_trial": result.best.trial_id if result.best else None,
+        "champion": result.promotion,
+    }
+    print(json.dumps(summary, indent=2, default=str))
+    if result.interrupted:
+        print("sweep interrupted: rerun with the same arguments and --resume", file=sys.stderr)
+        return 130
+    return 1 if result.trials and len(result.errored) == len(result.trials) else 0
+
+
+REPORT_HELP = """Report a finished sweep: per arm, mean ± std over seeds of HR@K, NDCG@K, sink rate and
+semantic fidelity, as a Markdown table and a PNG, both logged on the sweep's MLflow run.
+
+    python jobs/report.py --sweep ablation [--config PATH] [section.key=value ...]
+    python jobs/report.py --sweep runs/tune/ablation
+
+A name is looked up under <dist.storage_path>/tune/ (give the same --config and storage
+override as the sweep); a folder is used as is. Arms are the space's `arms`, or else each
+distinct setting of the swept params (seeds pooled).
+"""
+
+
+def report(argv: list[str] | None = None) -> int:
+    """`karma-report`: see REPORT_HELP."""
+    parser = argparse.ArgumentParser(description=REPORT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sweep", required=True, help="sweep name (under <storage>/tune/) or its folder")
+    parser.add_argument("--config", help="the config the sweep ran with (for dist.storage_path)")
+    parser.add_argument("--out", help="folder for the .md and .png (default: <sweep folder>/report)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. dist.storage_path=/data/runs")
+    args = parser.parse_args(argv)
+    try:
+        from karma.tune import MANIFEST, experiment_path, report_sweep
+
+        path = Path(args.sweep)
+        if not (path / MANIFEST).is_file() and "/" not in args.sweep:
+            path = experiment_path(load_config(args.config, args.overrides), args.sweep)
+        report = report_sweep(path, args.out)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    print(report.markdown)
+    print(f"plot: {report.png}  (logged on MLflow run {report.parent_run_id})")
+    return 0
