@@ -120,9 +120,10 @@ def fit(cfg: Config, run_root: Path, mlflow_run_id: str | None = None, tracking_
     the RunConfig (a Tune trial passes TuneReportCallback so every epoch reaches Tune)."""
     check_resources(cfg)
     data_dir = run_root / "data"
+    cfg_dict = cfg.to_dict()  # plain data for the data task and the workers
     (run_root / DIVERGED_NOTE).unlink(missing_ok=True)  # a note from an earlier attempt is not this one's
     try:
-        summary = ray.get(prepare_data.remote(cfg.to_dict(), str(data_dir)))
+        summary = ray.get(prepare_data.remote(cfg_dict, str(data_dir)))
     except RayTaskError as err:
         # Bad data or config: raise the task's own error (its message names the file or field
         # and the fix), as outside Ray, not Ray's wrapper with a remote traceback.
@@ -134,7 +135,7 @@ def fit(cfg: Config, run_root: Path, mlflow_run_id: str | None = None, tracking_
         f"ZeRO-{cfg.dist.zero_stage} {cfg.dist.precision}")
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "data_dir": str(data_dir), "mlflow_run_id": mlflow_run_id,
+        train_loop_config={"config": cfg_dict, "data_dir": str(data_dir), "mlflow_run_id": mlflow_run_id,
                            "tracking_uri": tracking_uri},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.dist.num_workers, use_gpu=cfg.dist.use_gpu,
@@ -257,10 +258,11 @@ def run_training(cfg: Config, log=print, parent_run_id: str | None = None,
     with RunTracker(cfg.tracking.experiment, cfg.tracking.run_name, uri, parent_run_id=parent_run_id,
                     tags={"karma.config_digest": cfg.digest()}, resume=resume) as tracker:
         # check_resume let through only epochs / max_steps growing: those are recorded as tags
-        tracker.log_params(cfg.to_dict(), on_conflict="tag")
-        tracker.log_dict(cfg.to_dict(), "config.json")
+        cfg_dict = cfg.to_dict()
+        tracker.log_params(cfg_dict, on_conflict="tag")
+        tracker.log_dict(cfg_dict, "config.json")
         run_root.mkdir(parents=True, exist_ok=True)
-        (run_root / JOB_CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2))
+        (run_root / JOB_CONFIG).write_text(json.dumps(cfg_dict, indent=2))
         result, summary = fit(cfg, run_root, tracker.run_id, uri, log, callbacks)
         if result.error:
             raise result.error

@@ -158,15 +158,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
 def _finish(trainer: Trainer, metrics: dict, data: TrainData, ckpt_dir: Path, tracker) -> dict:
     """After the last epoch: the test protocol (`Trainer.finish`: best epoch's weights, test
     split, analyses), then the export and the eval report into the checkpoint. Returns the last
-    report: the best epoch's validation metrics, best_epoch, the test split's as test/... and
-    the analyses of the test examples."""
+    report: the best epoch's validation metrics, best_epoch, and the test split's metrics and
+    analyses as test/..."""
     s = trainer.state
     out = trainer.finish()
-    report = {**(out["best"] or metrics), "epoch": s.epoch, "step": s.step, "best_epoch": out["best_epoch"],
-              **{f"test/{k}": v for k, v in out["test"].items()}, **out.get("analyses", {})}
+    test = {f"test/{k}": v for k, v in {**out["test"], **out.get("analyses", {})}.items()}
+    report = {**(out["best"] or metrics), "epoch": s.epoch, "step": s.step, "best_epoch": out["best_epoch"], **test}
     if tracker is not None:
-        tracker.log_metrics({**{f"test/{k}": v for k, v in out["test"].items()}, "best_epoch": out["best_epoch"],
-                             **{f"test/{k}": v for k, v in out.get("analyses", {}).items()}}, step=s.step)
+        tracker.log_metrics({**test, "best_epoch": out["best_epoch"]}, step=s.step)
     # on every rank: gathering ZeRO-3 weights and running the model are collectives
     _final_outputs(trainer, report, ckpt_dir, write=trainer.backend.rank == 0)
     return report
