@@ -14,6 +14,24 @@ ROOT = Path(__file__).resolve().parents[1]
 from karma.config import load_config  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An MLflow sqlite store per test module: creating its schema costs about a second. Tests
+    use their own run, experiment and model names, so they do not see each other's records."""
+    return tmp_path_factory.mktemp("store")
+
+
+@pytest.fixture()
+def uri(store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The store's tracking URI, with MLFLOW_TRACKING_URI unset and the test run inside its own
+    tmp_path: any stray ./mlruns would land there, where a test can look for it."""
+    from karma.tracking import resolve_tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    return resolve_tracking_uri(None, store)
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> str:
     """One text-embedding cache for the whole test session (MiniLM runs once per item set)."""

@@ -23,7 +23,7 @@ from karma.export import export_model, load_export
 from karma.factory import build_model
 from karma.pipeline import prepare
 from karma.registry import alias_version, export_dir_of, metric_tags, promote_if_better, register_export, set_alias
-from karma.tracking import RunTracker, resolve_tracking_uri
+from karma.tracking import RunTracker
 
 PICKLE_MAGIC = {bytes([0x80, p]) for p in range(2, 6)}  # protocol 2-5 header
 
@@ -74,20 +74,6 @@ def test_model_version_holds_code_and_no_pickle(registered):
     pickles = [f.relative_to(local) for f in files
                if f.suffix in (".pkl", ".pickle") or f.read_bytes()[:2] in PICKLE_MAGIC]
     assert pickles == []
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    # One sqlite store per module: creating its schema costs about a second. Tests use their
-    # own run, experiment and model names, so they do not see each other's records.
-    return tmp_path_factory.mktemp("store")
-
-
-@pytest.fixture()
-def uri(store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.chdir(tmp_path)  # any stray ./mlruns would land here
-    return resolve_tracking_uri(None, store)
 
 
 def test_metric_tags() -> None:

@@ -20,20 +20,6 @@ from karma.tracking import (
 )
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    # One sqlite store per module: creating its schema costs about a second. Tests use their
-    # own run, experiment and model names, so they do not see each other's records.
-    return tmp_path_factory.mktemp("store")
-
-
-@pytest.fixture()
-def uri(store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.chdir(tmp_path)  # any stray ./mlruns would land here and be caught below
-    return resolve_tracking_uri(None, store)
-
-
 def test_resolve_tracking_uri_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
     assert resolve_tracking_uri("sqlite:///x.db", tmp_path) == "sqlite:///x.db"
