@@ -14,7 +14,7 @@ from pathlib import Path
 
 from karma.config import Config, ConfigError, load_config
 from karma.data import DataError
-from karma.train.loop import NonFiniteLoss
+from karma.train import NonFiniteLoss
 
 # what the plain run's JSON keeps of its result
 SUMMARY_KEYS = ("popularity", "before", "epochs", "after", "best_epoch", "best", "test", "analyses", "steps", "seconds")

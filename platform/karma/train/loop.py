@@ -29,12 +29,9 @@ from karma.progress import Progress
 from karma.retrieval import evaluate_retrieval
 from karma.batch import prepare_batch
 from karma.step import Gather, NegativeSampler, local_gather
+from karma.train import NonFiniteLoss
 
 SELECT_METRIC = "NDCG@10"  # the validation metric early stopping and the best epoch follow
-
-
-class NonFiniteLoss(RuntimeError):
-    """The training loss became NaN or inf: the run stops before anything is saved from it."""
 
 
 @dataclass
