@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from karma.config import Config, ConfigError, TrainConfig
 from karma.data import epoch_order
-from karma.evaluate import batches, semantic_analyses
+from karma.evaluate import batches, interest_embeddings, semantic_analyses
 from karma.optim import make_optimizer, make_scheduler
 from karma.progress import Progress
 from karma.retrieval import evaluate_retrieval
@@ -293,24 +293,22 @@ class Trainer:
                 self.log(f"early stop: no {SELECT_METRIC} gain for {s.stale} epochs (best: epoch {s.best_epoch})")
             yield metrics
 
-    @torch.no_grad()
     def interests(self, examples: pd.DataFrame) -> torch.Tensor:
         """z [n, H, d] of every example, each worker encoding its own slice, all-gathered.
 
         Slices are padded to equal length so every worker runs the same forwards (ZeRO-3 needs
         that): every worker ends with the complete tensor."""
-        b, model = self.backend, self.backend.module
-        model.eval()
+        b = self.backend
         n = len(examples)
         per = -(-n // b.world)
         part = examples.iloc[np.arange(b.rank * per, b.rank * per + per) % n]
-        z = torch.cat([model.interests(prepare_batch(raw, model, self.tok, b.device))["z"].float()
-                       for raw in batches(part, 256, self.cfg.data.max_history)])
+        z = torch.from_numpy(interest_embeddings(b.module, part, self.tok, self.cfg.data.max_history, b.device))
         if b.world > 1:
+            z = z.to(b.device)  # NCCL gathers device tensors
             parts = [torch.empty_like(z) for _ in range(b.world)]
-            dist.all_gather(parts, z.contiguous())
-            z = torch.cat(parts)
-        return z[:n].cpu()  # padding repeated the first rows: drop it
+            dist.all_gather(parts, z)
+            z = torch.cat(parts).cpu()
+        return z[:n]  # padding repeated the first rows: drop it
 
     def evaluate(self, examples: pd.DataFrame) -> dict:
         """HR@K / NDCG@K and MRR over the full item pool (exact ranks) with their long-tail
