@@ -1,5 +1,7 @@
 """The KARMA model and its step: shapes, invariances, losses that learn, branches that skip."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -159,3 +161,52 @@ def test_lora_trains_adapters_only_and_exports(items, cache_dir, tmp_path):
     want = model.interests(prepare_batch(collate({"user_id": [0, 1], "history": hist, "target": [0, 0],
                                                   "query": ["", ""], "shown": [[], []]}, 10), model, tok, "cpu"))["z"]
     np.testing.assert_allclose(load_export(tmp_path / "lora").interests(hist), want.detach().numpy(), atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def text_channel(items, cache_dir):
+    cfg = tiny_cfg(cache_dir, "model.text_channel=true", "model.n_interest=2")
+    return build_model(cfg, items, log=None) + (cfg,)
+
+
+def test_text_channel_widens_unit_embeddings(text_channel):
+    model, tok, _ = text_channel
+    model.eval()
+    width = model.cfg.embed_dim + model.items.text_emb.shape[1]
+    out = model(make_batch(model, tok), gen_rows=torch.ones(4, dtype=torch.bool), rec_rows=4,
+                cand_ids=torch.arange(30))
+    assert model.retrieval_dim == width and out["z"].shape == (4, 2, width)
+    assert torch.allclose(out["z"].norm(dim=-1), torch.ones(4, 2), atol=1e-5)
+    assert torch.allclose(out["cand"].norm(dim=-1), torch.ones(30), atol=1e-5)
+    assert out["rec_logits"].shape[0] == out["gen_logits"].shape[0]  # reconstruction reads the wide z
+    # the item's text half is its frozen text embedding itself, untouched by any layer
+    assert torch.allclose(out["cand"][:, model.cfg.embed_dim:] * 2 ** 0.5, model.items.text_emb, atol=1e-6)
+
+
+def test_text_channel_starts_as_the_last_items_text_neighbour(text_channel):
+    """With the text half weighted up and a steep recency decay, a query is the newest history
+    item's text: that item (the nearest text there is to itself) ranks first, and older
+    history items or left padding do not move it."""
+    model, tok, _ = text_channel
+    model.eval()
+    with torch.no_grad():
+        model.pointer.log_weight.fill_(6.0)
+        model.pointer.log_decay.fill_(4.0)
+        batch = make_batch(model, tok)
+        scores = torch.einsum("bhd,nd->bhn", model.interests(batch)["z"], model.item_embeddings()).max(1).values
+        newest = batch["history"][:, -1]
+        assert torch.equal(scores.argmax(1), newest)
+        model.pointer.log_weight.zero_()
+        model.pointer.log_decay.fill_(math.log(0.5))
+
+
+def test_text_channel_exports_and_serves_the_same(text_channel, items, tmp_path):
+    model, tok, cfg = text_channel
+    model.eval()
+    export_model(model, tok, cfg, items, tmp_path / "export")
+    loaded = load_export(tmp_path / "export")
+    hist = [[0, 1, 2], [5, 6, 7, 8]]
+    want = model.interests(prepare_batch(collate({"user_id": [0, 1], "history": hist, "target": [0, 0],
+                                                  "query": ["", ""], "shown": [[], []]}, 10), model, tok, "cpu"))["z"]
+    assert np.allclose(loaded.interests(hist), want.detach().numpy(), atol=1e-6)
+    assert np.allclose(loaded.item_emb, model.item_embeddings().detach().numpy(), atol=1e-6)

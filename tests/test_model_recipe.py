@@ -52,6 +52,27 @@ def test_dropout_acts_in_training_only(items, cache_dir):
     assert torch.equal(model.interests(batch)["z"], model.interests(batch)["z"])
 
 
+def test_residual_and_id_dropout_act_in_training_only(items, cache_dir):
+    for knob in ("model.resid_dropout=0.3", "model.id_dropout=0.5"):
+        model, tok = build_model(tiny_cfg(cache_dir, knob), items, log=None)
+        batch = batch_of(model, tok, [[0, 1, 2], [3, 4]])
+        model.train()
+        torch.manual_seed(0)
+        assert not torch.allclose(model.interests(batch)["z"], model.interests(batch)["z"]), knob
+        model.eval()
+        assert torch.equal(model.interests(batch)["z"], model.interests(batch)["z"]), knob
+
+
+def test_text_center_removes_the_shared_text_direction(items, cache_dir):
+    raw, _ = build_model(tiny_cfg(cache_dir), items, log=None)
+    centered, _ = build_model(tiny_cfg(cache_dir, "model.text_center=true"), items, log=None)
+    assert float(raw.items.text_emb.mean(0).norm()) > 0.3  # sentence embeddings share a direction
+    # mean ~0 up to the re-normalisation; every row unit length
+    assert float(centered.items.text_emb.mean(0).norm()) < 0.5 * float(raw.items.text_emb.mean(0).norm())
+    assert torch.allclose(centered.items.text_emb.norm(dim=-1), torch.ones(len(items)), atol=1e-5)
+    assert float(mean_pairwise_cosine(centered.items.text_emb)) < float(mean_pairwise_cosine(raw.items.text_emb))
+
+
 def test_no_dropout_by_default(items, cache_dir):
     model, tok = build_model(tiny_cfg(cache_dir), items, log=None)
     model.train()
@@ -117,6 +138,13 @@ def test_text_karma_config_errors(cache_dir):
     with pytest.raises(ConfigError, match="model.history_text_tokens"):  # tiny.yaml's text: 16 tokens with EOS
         tiny_cfg(cache_dir, "model.history_text_items=2", "model.history_text_tokens=16")
     tiny_cfg(cache_dir, "data.text_max_tokens=4")  # titles off: their token budget is not checked
+    with pytest.raises(ConfigError, match="model.text_channel: needs item text"):
+        tiny_cfg(cache_dir, "model.text_channel=true", "data.text_encoder=none")
+    with pytest.raises(ConfigError, match="model.text_channel: points at the history"):
+        tiny_cfg(cache_dir, "model.text_channel=true", "model.history_item_tokens=false", "model.history_text_items=2")
+    for knob in ("model.resid_dropout", "model.id_dropout"):
+        with pytest.raises(ConfigError, match=knob):
+            tiny_cfg(cache_dir, f"{knob}=1.0")
     with pytest.raises(ConfigError, match="model.dropout"):
         tiny_cfg(cache_dir, "model.dropout=1.0")
     with pytest.raises(ConfigError, match="train.bucket_batches"):

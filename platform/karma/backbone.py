@@ -10,6 +10,8 @@ import os
 from pathlib import Path
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from karma.config import ModelConfig
@@ -95,6 +97,7 @@ def load_backbone(cfg: ModelConfig, texts: list[str], cache_dir: str | Path, log
     model.config.use_cache = False
     set_attention(model, cfg.attn_implementation)
     set_attention_dropout(model, cfg.dropout)
+    add_residual_dropout(model, cfg.resid_dropout)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return with_lora(model, cfg), tok
@@ -130,6 +133,24 @@ def set_attention_dropout(model: PreTrainedModel, p: float) -> None:
     for module in model.modules():
         if hasattr(module, "attention_dropout"):
             module.attention_dropout = p
+
+
+def add_residual_dropout(model: PreTrainedModel, p: float) -> None:
+    """Dropout `p` on every decoder layer's attention and MLP outputs, as forward hooks: the
+    layers stay the library's own, and an eval-mode model is untouched."""
+    if p <= 0:
+        return
+
+    def drop(module: nn.Module, args, out):
+        if not module.training:
+            return out
+        if isinstance(out, tuple):  # attention: (output, weights)
+            return (F.dropout(out[0], p, True), *out[1:])
+        return F.dropout(out, p, True)
+
+    for layer in model.get_decoder().layers:
+        layer.self_attn.register_forward_hook(drop)
+        layer.mlp.register_forward_hook(drop)
 
 
 def set_attention(model: PreTrainedModel, impl: str) -> None:

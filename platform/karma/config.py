@@ -56,10 +56,25 @@ class ModelConfig:
     # Initial std of the ID embeddings; null = id_dim ** -0.5 (unit-norm ID vectors). Small IDs
     # leave a rarely seen item's token to its text until training has given its ID a meaning.
     id_init_std: float | None = None
+    # Subtract the mean text embedding (and re-normalise) before the item tower reads it: the
+    # shared component every item's text has (anisotropy) carries no item's own signal.
+    text_center: bool = False
+    # The text channel: retrieval embeddings gain the frozen text embedding itself. An item is
+    # [e(i) ; t(i)]; a query is [z ; g * sum_j a_j t(h_j)], where the interest token points at
+    # its history items (a_j: attention from its state to theirs, with a learned recency decay)
+    # and g is a learned weight. Both halves stay unit length. The text keeps its full width:
+    # nothing squeezes it through the backbone, so rarely seen items keep their neighbours.
+    text_channel: bool = False
+    # Train only: the share of item occurrences whose ID part is dropped, so the item's text
+    # alone must place it (what a rarely seen item has at test time).
+    id_dropout: float = 0.0
     head_reduce: Literal["max", "mixture"] = "max"
     rec_soft_tokens: int = 4  # k soft tokens P_rec(z) for reconstruction
     # Dropout on the item tokens entering the backbone and inside its attention (train only).
     dropout: float = 0.0
+    # Dropout on each backbone layer's attention and MLP outputs before they join the residual
+    # stream (GPT-2's resid_pdrop; Llama has none of its own). Train only.
+    resid_dropout: float = 0.0
     # Text KARMA: the titles of the last N history items enter the prompt as the backbone's own
     # tokens (first `history_text_tokens` of each), before the item tokens; 0 = off. With
     # history_item_tokens=false the history is text alone (no fused item tokens).
@@ -288,6 +303,12 @@ def _validate(cfg: Config) -> Config:
     need(cfg.model.history_item_tokens or cfg.model.history_text_items > 0,
          "model.history_item_tokens=false leaves no history in the prompt; set model.history_text_items "
          "to the number of history titles to show (e.g. 5)")
+    need(0 <= cfg.model.id_dropout < 1, "model.id_dropout: must be in [0, 1)")
+    need(0 <= cfg.model.resid_dropout < 1, "model.resid_dropout: must be in [0, 1)")
+    need(not cfg.model.text_channel or cfg.data.text_encoder != "none",
+         "model.text_channel: needs item text embeddings; set data.text_encoder=minilm")
+    need(not cfg.model.text_channel or cfg.model.history_item_tokens,
+         "model.text_channel: points at the history's item tokens; set model.history_item_tokens=true")
     need(cfg.loss.w_gen >= 0 and cfg.loss.w_rec >= 0, "loss.w_gen / loss.w_rec: weights must be >= 0")
     need(cfg.loss.tau_init > 0, "loss.tau_init: the temperature must be > 0")
     need(cfg.loss.n_negatives >= 0, "loss.n_negatives: must be >= 0")

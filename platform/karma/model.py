@@ -70,15 +70,20 @@ class ItemEncoder(nn.Module):
     """e_in(i) = norm(MLP_id(ID[i]) + MLP_txt(text[i]) [+ MLP_img(img[i])]) in the LLM's width."""
 
     def __init__(self, n_items: int, id_dim: int, hidden: int, text_emb: torch.Tensor | None,
-                 image_emb: torch.Tensor | None, out_scale: float, id_init_std: float | None = None):
+                 image_emb: torch.Tensor | None, out_scale: float, id_init_std: float | None = None,
+                 text_center: bool = False, id_dropout: float = 0.0):
         super().__init__()
+        self.id_dropout = id_dropout
         self.id_emb = nn.Embedding(n_items, id_dim)
         # Default: ID vectors of about unit norm, like the (normalised) text embeddings beside them.
         nn.init.normal_(self.id_emb.weight, std=id_dim ** -0.5 if id_init_std is None else id_init_std)
         self.mlp_id = mlp(id_dim, hidden)
         self.mlp_txt = self.mlp_img = None
         if text_emb is not None:
-            self.register_buffer("text_emb", text_emb.float())  # frozen, saved with the weights
+            text_emb = text_emb.float()
+            if text_center:
+                text_emb = F.normalize(text_emb - text_emb.mean(0), dim=-1)
+            self.register_buffer("text_emb", text_emb)  # frozen, saved with the weights
             self.mlp_txt = mlp(text_emb.shape[1], hidden)
         if image_emb is not None:
             self.register_buffer("image_emb", image_emb.float())
@@ -89,12 +94,38 @@ class ItemEncoder(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         x = self.mlp_id(self.id_emb(ids))
+        if self.training and self.id_dropout > 0:
+            keep = torch.rand(ids.shape, device=ids.device) >= self.id_dropout
+            x = x * keep.unsqueeze(-1).to(x.dtype)
         # Frozen buffers keep their dtype when an engine casts the parameters (bf16).
         if self.mlp_txt is not None:
             x = x + self.mlp_txt(self.text_emb[ids].to(x.dtype))
         if self.mlp_img is not None:
             x = x + self.mlp_img(self.image_emb[ids].to(x.dtype))
         return self.norm(x)
+
+
+class TextPointer(nn.Module):
+    """The text channel's query: the interest tokens' attention over the history items' states
+    (plus a recency decay, which starts the pointer as a nearest-neighbour of the last items'
+    text) mixes those items' frozen text embeddings. Returns g * normalize(mix), [B, H, T]."""
+
+    def __init__(self, hidden: int, dim: int, decay_init: float = 0.5):
+        super().__init__()
+        self.q = linear(hidden, dim)
+        self.k = linear(hidden, dim)
+        self.log_decay = nn.Parameter(torch.full((1,), math.log(decay_init)))  # per item back
+        self.log_weight = nn.Parameter(torch.zeros(1))  # g, the text half's weight in the query
+
+    def forward(self, h_int: torch.Tensor, h_hist: torch.Tensor, hmask: torch.Tensor,
+                text: torch.Tensor) -> torch.Tensor:
+        q, k = self.q(h_int.to(self.q.weight.dtype)).float(), self.k(h_hist.to(self.k.weight.dtype)).float()
+        logits = q @ k.transpose(1, 2) / math.sqrt(q.shape[-1])  # [B, H, L]
+        back = torch.arange(hmask.shape[1] - 1, -1, -1, device=hmask.device)  # left-padded: last = newest
+        logits = logits - self.log_decay.exp() * back
+        # finite fill: a row without history gets a uniform (harmless) mix instead of NaN
+        a = torch.softmax(logits.masked_fill(~hmask.unsqueeze(1), -1e4), dim=-1)
+        return self.log_weight.exp() * F.normalize(a @ text.float(), dim=-1)
 
 
 @dataclass
@@ -122,13 +153,17 @@ class KarmaModel(nn.Module):
         emb = backbone.get_input_embeddings().weight
         hidden = emb.shape[1]
         scale = float(emb.detach().float().std())
-        self.items = ItemEncoder(n_items, cfg.id_dim, hidden, text_emb, image_emb, scale, cfg.id_init_std)
+        self.items = ItemEncoder(n_items, cfg.id_dim, hidden, text_emb, image_emb, scale, cfg.id_init_std,
+                                 cfg.text_center, cfg.id_dropout)
         self._hidden = hidden  # a plain int: ZeRO-3 empties partitioned parameters' shapes
         self.interest = InterestTokens(cfg.n_interest, hidden, scale)
         self.interest_head = linear(hidden, cfg.embed_dim)
+        if cfg.text_channel and text_emb is None:
+            raise ValueError("model.text_channel needs item text embeddings: set data.text_encoder=minilm")
+        self.pointer = TextPointer(hidden, cfg.embed_dim) if cfg.text_channel else None
         self.item_head = linear(hidden, cfg.embed_dim)
         self.mix_head = linear(hidden, cfg.n_interest) if cfg.head_reduce == "mixture" else None
-        self.rec_proj = linear(cfg.embed_dim, cfg.rec_soft_tokens * hidden)
+        self.rec_proj = linear(self.retrieval_dim, cfg.rec_soft_tokens * hidden)
         self.token_drop = nn.Dropout(cfg.dropout)
         self.temperature = Temperature(tau_init, learn_tau)
         self.register_buffer("item_tokens", item_tokens.long())  # [N, T] target text, EOS, padding
@@ -146,6 +181,12 @@ class KarmaModel(nn.Module):
         return self.items.id_emb.num_embeddings
 
     @property
+    def retrieval_dim(self) -> int:
+        """Width of z and of the item tower: embed_dim, plus the text's with the text channel."""
+        text = self.items.text_emb.shape[1] if self.cfg.text_channel else 0
+        return self.cfg.embed_dim + text
+
+    @property
     def hidden(self) -> int:
         return self._hidden
 
@@ -160,7 +201,10 @@ class KarmaModel(nn.Module):
         """The item tower e_out(i) = normalize(W_o e_in(i)); all items when ids is None."""
         if ids is None:
             ids = torch.arange(self.n_items, device=self.item_tokens.device)
-        return F.normalize(self.item_head(self.items(ids)).float(), dim=-1)
+        e = F.normalize(self.item_head(self.items(ids)).float(), dim=-1)
+        if self.pointer is None:
+            return e
+        return torch.cat([e, self.items.text_emb[ids].float()], dim=-1) / math.sqrt(2.0)
 
     def _text_part(self, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Embeddings and mask of `[next item:] [target text]`, and the labels [B, T] of the
@@ -218,9 +262,15 @@ class KarmaModel(nn.Module):
         return decoder(inputs_embeds=embeds, attention_mask=mask.long(), position_ids=pos,
                        output_attentions=output_attentions, use_cache=False)
 
-    def _read_interests(self, hidden: torch.Tensor, n_prefix: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        h_int = hidden[:, n_prefix - self.cfg.n_interest : n_prefix].float()  # [B, H, D]
+    def _read_interests(self, hidden: torch.Tensor, n_prefix: int, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        h = self.cfg.n_interest
+        h_int = hidden[:, n_prefix - h : n_prefix].float()  # [B, H, D]
         z = F.normalize(self.interest_head(h_int.to(self.interest_head.weight.dtype)).float(), dim=-1)
+        if self.pointer is not None:  # the history's item tokens sit just before the INT tokens
+            hist, hmask = batch["history"], batch["history_mask"]
+            h_hist = hidden[:, n_prefix - h - hist.shape[1] : n_prefix - h]
+            t = self.pointer(h_int, h_hist, hmask, self.items.text_emb[hist])
+            z = F.normalize(torch.cat([z, t], dim=-1), dim=-1)
         mix = self.mix_head(h_int[:, 0].to(self.mix_head.weight.dtype)).float() if self.mix_head is not None else None
         return z, mix
 
@@ -242,7 +292,7 @@ class KarmaModel(nn.Module):
         """Inference: the interest path only. Returns z [B, H, d] (and mixture logits)."""
         embeds, mask, _ = self._prefix(batch)
         hidden = self._run(embeds, mask).last_hidden_state
-        z, mix = self._read_interests(hidden, embeds.shape[1])
+        z, mix = self._read_interests(hidden, embeds.shape[1], batch)
         return {"z": z, "mix_logits": mix, "n_tokens": mask.sum()}
 
     def forward(self, batch: dict, gen_rows: int | torch.Tensor | None = None, rec_rows: int = 0,
@@ -279,7 +329,7 @@ class KarmaModel(nn.Module):
         t_emb, t_mask, labels = self._text_part(batch["target"])
         full_mask = torch.cat([mask, t_mask], 1)
         hidden = self._run(torch.cat([embeds, t_emb], 1), full_mask).last_hidden_state
-        z, mix = self._read_interests(hidden, n_prefix)
+        z, mix = self._read_interests(hidden, n_prefix, batch)
         text = hidden[:, n_prefix + self._n_gen_prompt - 1 :]  # the T labelled positions
         if isinstance(gen_rows, torch.Tensor):  # a mask: every row projected, labels of the others ignored
             labels = labels.masked_fill(~gen_rows.unsqueeze(1), -100)
