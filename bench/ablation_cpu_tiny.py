@@ -7,11 +7,13 @@ measured, and each arm's paired difference from the grid's baseline arm.
   of every arm also draws the interest token's attention for one fixed test user.
 - `negatives`: the action loss's candidates (KARMA weights), 3 epochs each: 32 or 1,024
   popularity-sampled negatives with logQ, or a full softmax over all items.
-- `recipe`: the CPU recipe (configs/karma-scientific.yaml: trained to convergence with early
-  stopping on validation NDCG@10 over all validation users, test metrics of the best epoch), arms
-  action-only, KARMA and text KARMA (titles of the last 5 history items in the prompt).
-- `recipe-wide`: the recipe's lead, action-only and KARMA with a full softmax, a 64-wide model and
-  dropout 0.1.
+- `recipe-text`: the CPU recipe (configs/karma-scientific.yaml: the text channel, trained to
+  convergence with early stopping on validation NDCG@10 over all validation users, test metrics
+  of the best epoch), arms action-only, KARMA and text KARMA (titles of the last 5 history items
+  in the prompt).
+- `recipe`: the recipe before the text channel (lr 3e-3), the same three arms.
+- `recipe-wide`: that recipe's lead, action-only and KARMA with a full softmax, a 64-wide model
+  and dropout 0.1.
 - `lr`: SmolLM2's schedule (batch 128, lr 3e-4, 100 warm-up steps, 1,024 negatives, one epoch)
   with the parts KARMA adds to the backbone at 1x, 10x or 30x that learning rate.
 
@@ -49,12 +51,14 @@ class Grid:
     heatmaps: bool = False  # seed 0 of each arm draws its attention heat-map
     config: str = "configs/tiny.yaml"
     eval_users: int = 2000  # validation users scored each epoch (0 = all)
+    pinned: tuple[str, ...] = ()  # config values of an older recipe, last on the command line
 
     @property
     def out(self) -> Path:
         return RESULTS / self.folder
 
 
+PRE_TEXT_CHANNEL = ("model.text_channel=false", "train.lr=3e-3")
 GRIDS = {
     "ablation": Grid("ablation_cpu_tiny", {
         "action-only": ("loss.w_gen=0.0", "loss.w_rec=0.0"),
@@ -74,19 +78,27 @@ GRIDS = {
         baseline="scale1", epochs=1, analysis_examples=0,
         extra=("train.batch_size=128", "train.lr=3e-4", "train.warmup_steps=100", "loss.n_negatives=1024",
                "train.log_every=0")),
-    "recipe": Grid("recipe_scientific", {
+    "recipe-text": Grid("recipe_text_scientific", {
         "action-only": ("loss.w_gen=0.0", "loss.w_rec=0.0"),
         "karma": ("loss.w_gen=0.5", "loss.w_rec=0.5"),
         "text-karma": ("loss.w_gen=0.5", "loss.w_rec=0.5", "model.history_text_items=5")},
         baseline="action-only", epochs=40, analysis_examples=512, config="configs/karma-scientific.yaml",
         eval_users=0),
+    # The two grids below ran before the recipe gained the text channel (and lr 1e-3): they pin
+    # the values the config then had, after the arguments their committed commands show.
+    "recipe": Grid("recipe_scientific", {
+        "action-only": ("loss.w_gen=0.0", "loss.w_rec=0.0"),
+        "karma": ("loss.w_gen=0.5", "loss.w_rec=0.5"),
+        "text-karma": ("loss.w_gen=0.5", "loss.w_rec=0.5", "model.history_text_items=5")},
+        baseline="action-only", epochs=40, analysis_examples=512, config="configs/karma-scientific.yaml",
+        eval_users=0, pinned=PRE_TEXT_CHANNEL),
     # The recipe's lead (one seed so far): a full softmax, a 64-wide model and dropout 0.1.
     "recipe-wide": Grid("recipe_wide_scientific", {
         "action-only": ("loss.w_gen=0.0", "loss.w_rec=0.0"),
         "karma": ("loss.w_gen=0.5", "loss.w_rec=0.5")},
         baseline="action-only", epochs=40, analysis_examples=512, config="configs/karma-scientific.yaml",
         eval_users=0, extra=("loss.negatives=all", "model.tiny_hidden=64", "model.embed_dim=64", "model.id_dim=64",
-                             "model.tiny_intermediate=128", "model.dropout=0.1")),
+                             "model.tiny_intermediate=128", "model.dropout=0.1"), pinned=PRE_TEXT_CHANNEL),
 }
 # (title, section of the result JSON, metrics)
 TABLES = (
@@ -116,7 +128,7 @@ def run(grid: Grid, data: str, jobs: int = 1) -> None:
                              f"data.path={data}", "data.max_history=50", f"train.epochs={grid.epochs}",
                              f"train.eval_max_users={grid.eval_users}",
                              f"train.analysis_examples={grid.analysis_examples}",
-                             *grid.extra, f"train.seed={seed}", *overrides])
+                             *grid.extra, f"train.seed={seed}", *overrides, *grid.pinned])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         list(pool.map(lambda c: subprocess.run(c, cwd=ROOT, check=True, env=env), commands))  # re-raises failures

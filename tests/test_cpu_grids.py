@@ -21,14 +21,18 @@ def _commands(grids, monkeypatch, name) -> list[list[str]]:
 
 
 @pytest.mark.parametrize("name, arm, seed", [("ablation", "karma", 0), ("negatives", "all", 1), ("recipe", "text-karma", 2),
-                                                  ("lr", "scale10", 2)])
+                                                  ("recipe-text", "karma", 1), ("lr", "scale10", 2)])
 def test_run_repeats_the_committed_commands(grids, monkeypatch, name, arm, seed):
-    """Each committed result regenerates from the script: same arguments, data path aside."""
+    """Each committed result regenerates from the script: same arguments, data path aside, and
+    a grid of an older recipe appends the config values it ran with (its `pinned`)."""
     grid = grids.GRIDS[name]
     commands = _commands(grids, monkeypatch, name)
     assert len(commands) == len(grids.SEEDS) * len(grid.arms)
     recorded = shlex.split(json.loads((grid.out / f"{arm}-seed{seed}.json").read_text())["command"])
     mine = next(c for c in commands if any(a.endswith(f"/{arm}-seed{seed}.json") for a in c))
+    if grid.pinned:
+        assert mine[-len(grid.pinned):] == list(grid.pinned)
+        mine = mine[:-len(grid.pinned)]
     assert _portable(mine) == _portable(recorded)
 
 

@@ -76,7 +76,8 @@ def test_engine_step_checkpoint_and_reload(items, cache_dir, tmp_path, stage, ne
     from karma.train.engine import gather_targets, make_engine, single_process_group
 
     cfg = tiny_cfg(cache_dir, f"dist.zero_stage={stage}", "dist.precision=fp32", "train.batch_size=4",
-                   f"loss.negatives={negatives}", "train.new_lr_scale=10")
+                   f"loss.negatives={negatives}", "train.new_lr_scale=10",
+                   "model.text_channel=true")  # its pointer's parameters partition and restore too
     rows = {"user_id": [0, 1, 2, 3], "history": [[0, 1, 2], [3, 4], [5, 6, 7, 8], [9]],
             "target": [3, 5, 9, 12], "query": [""] * 4, "shown": [[]] * 4}
 

@@ -90,7 +90,8 @@ def test_ray_job_submit_train_succeeds(cluster):
     address, env, tmp = cluster
     storage = tmp / "runs"
     state, logs = _submit(address, env, "--config", "configs/tiny.yaml", f"dist.storage_path={storage}",
-                          "dist.zero_stage=3", "train.analysis_examples=0", "train.eval_max_users=100")
+                          "dist.zero_stage=3", "train.analysis_examples=0", "train.eval_max_users=100",
+                          "model.text_channel=true")
     assert "SUCCEEDED" in state, state + logs[-4000:]
     assert '"model_version": "1"' in logs  # the job's own summary line
     export = storage / "karma-tiny" / "final" / "export"
