@@ -10,6 +10,9 @@ Sequence layouts (left part padded on the left, text part on the right; position
 
 The interest tokens see only the history (causal attention), so appending the target text for
 the generation branch leaves z unchanged: inference simply stops after INT_H.
+
+With the text channel (cfg.text_channel) the retrieval space gains the frozen text embedding
+itself beside the learned one: items [e ; t], queries [z ; g * pointed mix of the history's t].
 """
 
 from __future__ import annotations
@@ -198,7 +201,8 @@ class KarmaModel(nn.Module):
         return self.backbone.get_input_embeddings()(ids)
 
     def item_embeddings(self, ids: torch.Tensor | None = None) -> torch.Tensor:
-        """The item tower e_out(i) = normalize(W_o e_in(i)); all items when ids is None."""
+        """The item tower e_out(i) = normalize(W_o e_in(i)), with the text channel
+        [e_out(i) ; t(i)] / sqrt 2 (unit length too); all items when ids is None."""
         if ids is None:
             ids = torch.arange(self.n_items, device=self.item_tokens.device)
         e = F.normalize(self.item_head(self.items(ids)).float(), dim=-1)
