@@ -11,6 +11,8 @@ measured, and each arm's paired difference from the grid's baseline arm.
   convergence with early stopping on validation NDCG@10 over all validation users, test metrics
   of the best epoch), arms action-only, KARMA and text KARMA (titles of the last 5 history items
   in the prompt).
+- `recipe-text-decode0.25`: the same with the decoding branches on a quarter of each batch (the
+  recipe's value before; same quality, dearer epochs).
 - `recipe`: the recipe before the text channel (lr 3e-3), the same three arms.
 - `recipe-wide`: that recipe's lead, action-only and KARMA with a full softmax, a 64-wide model
   and dropout 0.1.
@@ -84,8 +86,16 @@ GRIDS = {
         "text-karma": ("loss.w_gen=0.5", "loss.w_rec=0.5", "model.history_text_items=5")},
         baseline="action-only", epochs=40, analysis_examples=512, config="configs/karma-scientific.yaml",
         eval_users=0),
-    # The two grids below ran before the recipe gained the text channel (and lr 1e-3): they pin
-    # the values the config then had, after the arguments their committed commands show.
+    # The grids below ran on earlier values of the recipe's config: they pin those values, after
+    # the arguments their committed commands show. This one decoded a quarter of each batch; its
+    # runs wrote to recipe_text_scientific/ and were moved here when the recipe changed.
+    "recipe-text-decode0.25": Grid("recipe_text_decode0.25_scientific", {
+        "action-only": ("loss.w_gen=0.0", "loss.w_rec=0.0"),
+        "karma": ("loss.w_gen=0.5", "loss.w_rec=0.5"),
+        "text-karma": ("loss.w_gen=0.5", "loss.w_rec=0.5", "model.history_text_items=5")},
+        baseline="action-only", epochs=40, analysis_examples=512, config="configs/karma-scientific.yaml",
+        eval_users=0, pinned=("loss.decode_fraction=0.25",)),
+    # These two ran before the recipe gained the text channel (and lr 1e-3).
     "recipe": Grid("recipe_scientific", {
         "action-only": ("loss.w_gen=0.0", "loss.w_rec=0.0"),
         "karma": ("loss.w_gen=0.5", "loss.w_rec=0.5"),

@@ -24,11 +24,14 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# name -> (config, overrides): the recipe's arms, and KARMA as it was before the cost switches
+# name -> (config, overrides): the recipe's arms, KARMA before the text channel (the recipe's
+# values then), and KARMA as it was before the cost switches
 ARMS = {
     "sasrec": ("configs/sasrec-scientific.yaml", ()),
     "karma": ("configs/karma-scientific.yaml", ()),
     "text-karma": ("configs/karma-scientific.yaml", ("model.history_text_items=5",)),
+    "karma-before-text-channel": ("configs/karma-scientific.yaml",
+                                  ("model.text_channel=false", "loss.decode_fraction=0.25")),
     "karma-unbucketed-full-decoding": ("configs/karma-scientific.yaml",
                                        ("loss.decode_fraction=1.0", "train.bucket_batches=0")),
 }
