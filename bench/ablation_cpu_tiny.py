@@ -60,7 +60,20 @@ class Grid:
         return RESULTS / self.folder
 
 
+RECIPE_ARMS = {
+    "action-only": ("loss.w_gen=0.0", "loss.w_rec=0.0"),
+    "karma": ("loss.w_gen=0.5", "loss.w_rec=0.5"),
+    "text-karma": ("loss.w_gen=0.5", "loss.w_rec=0.5", "model.history_text_items=5")}
 PRE_TEXT_CHANNEL = ("model.text_channel=false", "train.lr=3e-3")
+
+
+def recipe_grid(folder: str, arms: dict[str, tuple[str, ...]] = RECIPE_ARMS, **kw) -> Grid:
+    """A grid of the CPU recipe (configs/karma-scientific.yaml): trained to convergence with early
+    stopping on all validation users, the semantic analyses on 512 test users."""
+    return Grid(folder, arms, baseline="action-only", epochs=40, analysis_examples=512,
+                config="configs/karma-scientific.yaml", eval_users=0, **kw)
+
+
 GRIDS = {
     "ablation": Grid("ablation_cpu_tiny", {
         "action-only": ("loss.w_gen=0.0", "loss.w_rec=0.0"),
@@ -80,35 +93,18 @@ GRIDS = {
         baseline="scale1", epochs=1, analysis_examples=0,
         extra=("train.batch_size=128", "train.lr=3e-4", "train.warmup_steps=100", "loss.n_negatives=1024",
                "train.log_every=0")),
-    "recipe-text": Grid("recipe_text_scientific", {
-        "action-only": ("loss.w_gen=0.0", "loss.w_rec=0.0"),
-        "karma": ("loss.w_gen=0.5", "loss.w_rec=0.5"),
-        "text-karma": ("loss.w_gen=0.5", "loss.w_rec=0.5", "model.history_text_items=5")},
-        baseline="action-only", epochs=40, analysis_examples=512, config="configs/karma-scientific.yaml",
-        eval_users=0),
+    "recipe-text": recipe_grid("recipe_text_scientific"),
     # The grids below ran on earlier values of the recipe's config: they pin those values, after
     # the arguments their committed commands show. This one decoded a quarter of each batch; its
     # runs wrote to recipe_text_scientific/ and were moved here when the recipe changed.
-    "recipe-text-decode0.25": Grid("recipe_text_decode0.25_scientific", {
-        "action-only": ("loss.w_gen=0.0", "loss.w_rec=0.0"),
-        "karma": ("loss.w_gen=0.5", "loss.w_rec=0.5"),
-        "text-karma": ("loss.w_gen=0.5", "loss.w_rec=0.5", "model.history_text_items=5")},
-        baseline="action-only", epochs=40, analysis_examples=512, config="configs/karma-scientific.yaml",
-        eval_users=0, pinned=("loss.decode_fraction=0.25",)),
+    "recipe-text-decode0.25": recipe_grid("recipe_text_decode0.25_scientific", pinned=("loss.decode_fraction=0.25",)),
     # These two ran before the recipe gained the text channel (and lr 1e-3).
-    "recipe": Grid("recipe_scientific", {
-        "action-only": ("loss.w_gen=0.0", "loss.w_rec=0.0"),
-        "karma": ("loss.w_gen=0.5", "loss.w_rec=0.5"),
-        "text-karma": ("loss.w_gen=0.5", "loss.w_rec=0.5", "model.history_text_items=5")},
-        baseline="action-only", epochs=40, analysis_examples=512, config="configs/karma-scientific.yaml",
-        eval_users=0, pinned=PRE_TEXT_CHANNEL),
+    "recipe": recipe_grid("recipe_scientific", pinned=PRE_TEXT_CHANNEL),
     # The recipe's lead (one seed so far): a full softmax, a 64-wide model and dropout 0.1.
-    "recipe-wide": Grid("recipe_wide_scientific", {
-        "action-only": ("loss.w_gen=0.0", "loss.w_rec=0.0"),
-        "karma": ("loss.w_gen=0.5", "loss.w_rec=0.5")},
-        baseline="action-only", epochs=40, analysis_examples=512, config="configs/karma-scientific.yaml",
-        eval_users=0, extra=("loss.negatives=all", "model.tiny_hidden=64", "model.embed_dim=64", "model.id_dim=64",
-                             "model.tiny_intermediate=128", "model.dropout=0.1"), pinned=PRE_TEXT_CHANNEL),
+    "recipe-wide": recipe_grid("recipe_wide_scientific", {arm: RECIPE_ARMS[arm] for arm in ("action-only", "karma")},
+                               extra=("loss.negatives=all", "model.tiny_hidden=64", "model.embed_dim=64",
+                                      "model.id_dim=64", "model.tiny_intermediate=128", "model.dropout=0.1"),
+                               pinned=PRE_TEXT_CHANNEL),
 }
 # (title, section of the result JSON, metrics)
 TABLES = (
