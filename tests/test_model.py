@@ -130,17 +130,23 @@ def test_decode_fraction_limits_decoding_rows(built, cache_dir):
     assert int(half) < int(full)
 
 
+def assert_export_matches(model, tok, cfg, items, folder, hist=([0, 1, 2], [5, 6, 7, 8])):
+    """Exports `model` (in eval mode), reloads the export, and checks that the reload computes
+    the same interests for `hist` and the same item table; returns the reload."""
+    export_model(model, tok, cfg, items, folder)
+    loaded = load_export(folder)
+    n = len(hist)
+    batch = prepare_batch(collate({"user_id": list(range(n)), "history": list(hist), "target": [0] * n,
+                                   "query": [""] * n, "shown": [[]] * n}, 10), model, tok, "cpu")
+    np.testing.assert_allclose(loaded.interests(list(hist)), model.interests(batch)["z"].detach().numpy(), atol=1e-6)
+    np.testing.assert_allclose(loaded.item_emb, model.item_embeddings().detach().numpy(), atol=1e-6)
+    return loaded
+
+
 def test_export_roundtrip(built, items, cache_dir, tmp_path):
     model, tok = built[4]
     model.eval()
-    cfg = tiny_cfg(cache_dir, "model.n_interest=4")
-    export_model(model, tok, cfg, items, tmp_path / "export")
-    loaded = load_export(tmp_path / "export")
-    hist = [[0, 1, 2], [5, 6, 7, 8]]
-    want = model.interests(prepare_batch(collate({"user_id": [0, 1], "history": hist, "target": [0, 0],
-                                                  "query": ["", ""], "shown": [[], []]}, 10), model, tok, "cpu"))["z"]
-    assert np.allclose(loaded.interests(hist), want.detach().numpy(), atol=1e-6)
-    assert np.allclose(loaded.item_emb, model.item_embeddings().detach().numpy(), atol=1e-6)
+    loaded = assert_export_matches(model, tok, tiny_cfg(cache_dir, "model.n_interest=4"), items, tmp_path / "export")
     assert loaded.rows_of([100, 129, 5]).tolist() == [0, 29, -1]
     assert not any(p.suffix in (".pt", ".pkl", ".bin") for p in (tmp_path / "export").rglob("*"))
 
@@ -156,11 +162,7 @@ def test_lora_trains_adapters_only_and_exports(items, cache_dir, tmp_path):
     backbone_trainable = [n for n, p in model.backbone.named_parameters() if p.requires_grad]
     assert backbone_trainable and all("lora_" in n for n in backbone_trainable)
     model.eval()
-    hist = [[0, 1, 2], [5, 6]]
-    export_model(model, tok, cfg, items, tmp_path / "lora")
-    want = model.interests(prepare_batch(collate({"user_id": [0, 1], "history": hist, "target": [0, 0],
-                                                  "query": ["", ""], "shown": [[], []]}, 10), model, tok, "cpu"))["z"]
-    np.testing.assert_allclose(load_export(tmp_path / "lora").interests(hist), want.detach().numpy(), atol=1e-6)
+    assert_export_matches(model, tok, cfg, items, tmp_path / "lora", hist=([0, 1, 2], [5, 6]))
 
 
 @pytest.fixture(scope="module")
@@ -203,10 +205,4 @@ def test_text_channel_starts_as_the_last_items_text_neighbour(text_channel):
 def test_text_channel_exports_and_serves_the_same(text_channel, items, tmp_path):
     model, tok, cfg = text_channel
     model.eval()
-    export_model(model, tok, cfg, items, tmp_path / "export")
-    loaded = load_export(tmp_path / "export")
-    hist = [[0, 1, 2], [5, 6, 7, 8]]
-    want = model.interests(prepare_batch(collate({"user_id": [0, 1], "history": hist, "target": [0, 0],
-                                                  "query": ["", ""], "shown": [[], []]}, 10), model, tok, "cpu"))["z"]
-    assert np.allclose(loaded.interests(hist), want.detach().numpy(), atol=1e-6)
-    assert np.allclose(loaded.item_emb, model.item_embeddings().detach().numpy(), atol=1e-6)
+    assert_export_matches(model, tok, cfg, items, tmp_path / "export")
