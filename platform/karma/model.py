@@ -186,7 +186,7 @@ class KarmaModel(nn.Module):
     @property
     def retrieval_dim(self) -> int:
         """Width of z and of the item tower: embed_dim, plus the text's with the text channel."""
-        text = self.items.text_emb.shape[1] if self.cfg.text_channel else 0
+        text = self.items.text_emb.shape[1] if self.pointer is not None else 0
         return self.cfg.embed_dim + text
 
     @property
