@@ -50,8 +50,8 @@ def main() -> None:
     text = text_embeddings(item_texts(prep.data.items), cfg.text_encoder, cfg.cache_dir)
 
     def measure(split, n, decay):
-        q = queries(text, split["history"].tolist(), n, decay)
-        return evaluate_retrieval(q, text, split["target"].to_numpy(), target_counts=prep.counts)
+        q = queries(text, split.to_frame()["history"].tolist(), n, decay)
+        return evaluate_retrieval(q, text, split.targets, target_counts=prep.counts)
 
     scores = {(n, decay): measure(prep.split.valid, n, decay)["NDCG@10"] for n, decay in GRID}
     n, decay = max(scores, key=scores.get)

@@ -20,7 +20,6 @@ from karma.data import (
     read_parquet,
     SyntheticConfig,
     time_split,
-    to_arrow,
     validate,
     validate_events,
     validate_items,
@@ -55,7 +54,8 @@ def data() -> InteractionData:
     return validate(InteractionData(items=make_items(), events=make_events(), name="tiny"))
 
 
-def rows(df: pd.DataFrame) -> list:
+def rows(examples) -> list:
+    df = examples.to_frame()
     return [(int(u), [int(x) for x in h], int(t)) for u, h, t in zip(df.user_id, df.history, df.target)]
 
 
@@ -230,10 +230,11 @@ def test_leave_one_out_hand_computed(data):
     assert rows(sp.train) == [(1, [0], 1)]
     assert rows(sp.valid) == [(1, [0, 1], 2), (2, [4], 0)]
     assert rows(sp.test) == [(1, [0, 1, 2], 3), (2, [4, 0], 2), (3, [1], 3)]
-    assert sp.test["query"].tolist() == ["gloves", "", ""]
-    assert [s.tolist() for s in sp.test["shown"]] == [[4, 1], [], []]
+    test = sp.test.to_frame()
+    assert test["query"].tolist() == ["gloves", "", ""]
+    assert [s.tolist() for s in test["shown"]] == [[4, 1], [], []]
     assert rows(leave_one_out(data, max_history=2).test)[0] == (1, [1, 2], 3)
-    assert sp.test.user_id.dtype == np.int64 and sp.test.target.dtype == np.int64
+    assert test.user_id.dtype == np.int64 and test.target.dtype == np.int64
 
 
 def test_time_split_hand_computed(data):
@@ -284,8 +285,9 @@ def test_time_split_has_no_leakage():
     sp = time_split(d, vs, tst, max_history=10_000)  # no truncation: len(history) = position
     seqs = {u: g for u, g in d.events.groupby("user_id")}
     row_of = pd.Index(d.items.item_id)
-    for part, lo, hi in ((sp.train, -np.inf, vs), (sp.valid, vs, tst), (sp.test, tst, np.inf)):
-        assert len(part) > 0
+    for examples, lo, hi in ((sp.train, -np.inf, vs), (sp.valid, vs, tst), (sp.test, tst, np.inf)):
+        assert len(examples) > 0
+        part = examples.to_frame()
         for u, h, t in zip(part.user_id, part.history, part.target):
             g = seqs[u]
             t_ts = g.ts.iloc[len(h)]
@@ -299,17 +301,18 @@ def test_time_split_has_no_leakage():
 
 # ---------------------------------------------------------------- examples
 
-def test_to_arrow_types(data):
-    t = to_arrow(leave_one_out(data).test)
-    assert t.schema.field("history").type == pa.list_(pa.int32())
-    assert t.schema.field("shown").type == pa.list_(pa.int32())
-    assert t.schema.field("target").type == pa.int32()
-    assert t.schema.field("user_id").type == pa.int64()
-    assert t.schema.field("query").type == pa.string()
-    assert t.column("history").to_pylist() == [[0, 1, 2], [4, 0], [1]]
-    assert t.column("shown").to_pylist() == [[4, 1], [], []]
-    assert t.column("target").to_pylist() == [3, 2, 3]
-    assert t.column("query").to_pylist() == ["gloves", "", ""]
+def test_compact_arrays_store_each_event_once(data):
+    sp = leave_one_out(data)
+    seqs = sp.test.sequences
+    assert sp.train.sequences is seqs and sp.valid.sequences is seqs  # one copy for all splits
+    assert seqs.offsets.dtype == np.int64 and seqs.offsets.tolist() == [0, 4, 7, 9]
+    assert seqs.items.dtype == np.int32 and seqs.items.tolist() == [0, 1, 2, 3, 4, 0, 2, 1, 3]
+    assert seqs.user_ids.tolist() == [1, 2, 3]
+    assert seqs.query.to_pylist() == ["", "", "", "gloves", "", "", "", "", ""]
+    assert seqs.shown_offsets.tolist() == [0, 0, 0, 0, 2, 2, 2, 2, 2, 2] and seqs.shown_items.tolist() == [4, 1]
+    assert sp.test.seq.dtype == np.int32 and sp.test.pos.dtype == np.int32
+    assert (sp.test.seq.tolist(), sp.test.pos.tolist()) == ([0, 1, 2], [3, 2, 1])
+    assert sp.test.targets.tolist() == [3, 2, 3] and sp.test.user_ids.tolist() == [1, 2, 3]
 
 
 def test_item_counts_counts_targets_only(data):
@@ -362,9 +365,17 @@ def test_collate_dict_of_numpy_columns():
     assert b["query"] == ["", "", ""] and b["shown"].tolist() == [[-1], [-1], [-1]]
 
 
-def test_collate_from_arrow_round_trip(data):
-    t = to_arrow(leave_one_out(data).test)
-    b = collate({c: t.column(c).to_numpy(zero_copy_only=False) for c in t.column_names}, max_history=50)
+def test_compact_collate_cuts_windows_like_collate(data):
+    test = leave_one_out(data).test
+    b = test.collate(max_history=50)
     assert b["history"].tolist() == [[0, 1, 2], [0, 4, 0], [0, 0, 1]]
     assert b["history_mask"].sum(1).tolist() == [3, 2, 1]
     assert b["shown"].tolist() == [[4, 1], [-1, -1], [-1, -1]]
+    assert b["query"] == ["gloves", "", ""] and b["target"].tolist() == [3, 2, 3]
+    frame = test.to_frame()
+    for cap in (1, 2, 50):
+        want = collate({c: frame[c].tolist() for c in frame.columns}, max_history=cap)
+        got = test.collate(max_history=cap)
+        assert got["query"] == want.pop("query")
+        for key, tensor in want.items():
+            assert torch.equal(got[key], tensor) and got[key].dtype == tensor.dtype, (cap, key)

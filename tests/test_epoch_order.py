@@ -25,7 +25,7 @@ def train(cache_dir):
 def test_each_epoch_is_a_fresh_permutation_split_across_workers(train):
     _, examples = train
     n = len(examples)
-    lengths = examples["history"].map(len).to_numpy()
+    lengths = examples.history_lengths
     micro = n // (B * WORLD)
     ranks = [epoch_rows(lengths, B, WORLD, r, micro, seed=0, epoch=3) for r in range(WORLD)]
     assert all(len(r) == micro * B for r in ranks)
@@ -37,7 +37,7 @@ def test_each_epoch_is_a_fresh_permutation_split_across_workers(train):
 
 def test_a_batch_holds_same_user_rows_only_by_chance(train):
     cfg, examples = train
-    users = examples["user_id"].to_numpy()
+    users = examples.user_ids
     n = len(examples)
     micro = n // (B * WORLD)
 

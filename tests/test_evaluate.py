@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import tiny_cfg
+from karma.data import Examples
 from karma.evaluate import interest_attention, longest_history, semantic_analyses
 from karma.factory import build_model
 from karma.metrics import TAIL_THRESHOLD
@@ -58,18 +59,19 @@ def built(items, cache_dir):
     return build_model(tiny_cfg(cache_dir, "model.dropout=0.0"), items, log=None)
 
 
-def examples(n: int) -> pd.DataFrame:
+def examples(n: int) -> Examples:
     hist = [[(u + j) % 30 for j in range(1 + u % 5)] for u in range(n)]
-    return pd.DataFrame({"user_id": range(n), "history": hist, "target": [(u * 7) % 30 for u in range(n)],
-                         "query": [""] * n, "shown": [[]] * n})
+    return Examples.from_frame(pd.DataFrame({"user_id": range(n), "history": hist,
+                                             "target": [(u * 7) % 30 for u in range(n)],
+                                             "query": [""] * n, "shown": [[]] * n}))
 
 
 def test_interest_attention_of_one_example(built):
     model, tok = built
     ex = examples(12)
     row = longest_history(ex)
-    assert row == 4 and len(ex["history"].iloc[row]) == 5  # the first of the longest
-    attn, rows, keys = interest_attention(model, ex.iloc[[row]], tok, 20, "cpu")
+    assert row == 4 and ex.history_lengths[row] == 5  # the first of the longest
+    attn, rows, keys = interest_attention(model, ex.take([row]), tok, 20, "cpu")
     layers, heads = model.cfg.tiny_layers, model.cfg.tiny_heads
     assert attn.shape == (layers * heads, 6) and rows[0] == "L1 H1" and rows[-1] == f"L{layers} H{heads}"
     assert keys == ["item-5", "item-4", "item-3", "item-2", "item-1", "INT1"]
@@ -94,5 +96,5 @@ def test_training_loop_eval_report_has_the_tail(built, items):
     data = TrainData(train=valid, valid=valid, test=valid, items=items, counts=counts)
     trainer = Trainer(PlainBackend(model, cfg.train, 1, torch.device("cpu")), data, tok, cfg, log=lambda m: None)
     metrics = trainer.evaluate(valid)
-    assert metrics["tail/n_queries"] == int((counts[valid["target"]] < 5).sum()) > 0
+    assert metrics["tail/n_queries"] == int((counts[valid.targets] < 5).sum()) > 0
     assert {"tail/HR@10", "tail/NDCG@10", "tail/MRR", "HR@10"} <= set(metrics)

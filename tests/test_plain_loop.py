@@ -23,7 +23,7 @@ def test_plain_loop_beats_popularity(cache_dir):
     assert after > before and after > 1.3 * pop, (before, pop, after)
     # the long-tail breakdown: test targets with fewer than 5 training interactions
     prep = result["prepared"]
-    rare = int((prep.counts[prep.split.test["target"].to_numpy()] < 5).sum())
+    rare = int((prep.counts[prep.split.test.targets] < 5).sum())
     assert result["test"]["tail/n_queries"] == rare
     assert {"tail/HR@10", "tail/NDCG@10", "tail/HR@50", "tail/MRR"} <= set(result["test"])
     assert "tail/HR@10" in result["after"] and "tail/HR@10" in result["popularity"]

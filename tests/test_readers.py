@@ -109,7 +109,7 @@ def test_recbole_chains_windows_with_a_short_cut(tmp_path):
     d = read_recbole(tmp_path, name="Sci")
     assert sequences(d) == seqs
     # leave-one-out with the same cut reproduces the test rows
-    test = leave_one_out(d, max_history=3).test
+    test = leave_one_out(d, max_history=3).test.to_frame()
     assert [h.tolist() for h in test.history] == [[6, 7, 8], [3, 2, 1]]
     assert test.target.tolist() == [9, 5]
 

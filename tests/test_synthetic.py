@@ -74,11 +74,12 @@ def test_category_heuristic_beats_popularity(default):
     by_pop = np.argsort(-counts, kind="stable")
     cat = pd.factorize(d.items.category)[0]
     hits_pop = hits_cat = 0
-    for h, t in zip(sp.test.history, sp.test.target):
+    test = sp.test.to_frame()
+    for h, t in zip(test.history, test.target):
         hits_pop += t in by_pop[:10]
         same = cat[by_pop] == cat[h[-1]]  # same category as the last item, then popularity
         hits_cat += t in np.concatenate([by_pop[same], by_pop[~same]])[:10]
-    hr_pop, hr_cat = hits_pop / len(sp.test), hits_cat / len(sp.test)
+    hr_pop, hr_cat = hits_pop / len(test), hits_cat / len(test)
     assert hr_cat > 1.5 * hr_pop and hr_cat - hr_pop > 0.1
 
 
@@ -91,7 +92,8 @@ def test_brand_taste_is_predictive(default):
     cat = pd.factorize(d.items.category)[0]
     brand = pd.factorize(d.items.brand)[0]
     hits = np.zeros(2)
-    for h, t in zip(sp.test.history, sp.test.target):
+    test = sp.test.to_frame()
+    for h, t in zip(test.history, test.target):
         c = cat[h[-1]]
         same = h[cat[h] == c]
         share = np.bincount(brand[same], minlength=brand.max() + 1)[brand] / len(same)

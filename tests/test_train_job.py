@@ -15,7 +15,7 @@ import ray
 
 from conftest import ROOT, tiny_cfg
 from karma.config import ConfigError
-from karma.data import DataError
+from karma.data import DataError, Examples, read_examples
 from karma.export import load_export
 from karma.pipeline import prepare
 from karma.retrieval import evaluate_retrieval
@@ -51,10 +51,11 @@ def trained(session):
     return cfg, run_training(cfg, log=lambda m: None), root, per_epoch
 
 
-def _export_metrics(export, examples: pd.DataFrame) -> dict:
+def _export_metrics(export, examples: Examples) -> dict:
     model = load_export(export)
-    z = model.interests([list(h) for h in examples["history"]])
-    return evaluate_retrieval(z, np.array(model.item_emb), examples["target"].to_numpy(), ks=(10,))
+    frame = examples.to_frame()
+    z = model.interests([list(h) for h in frame["history"]])
+    return evaluate_retrieval(z, np.array(model.item_emb), frame["target"].to_numpy(), ks=(10,))
 
 
 def test_job_trains_tracks_and_registers(trained):
@@ -101,7 +102,8 @@ def test_early_stop_ends_the_job_before_its_epochs(trained):
 def test_test_split_export_and_registry_hold_the_best_epochs_weights(trained):
     cfg, result, root, _ = trained
     data = root / "e2e" / "data"
-    valid, test = pd.read_parquet(data / "valid.parquet"), pd.read_parquet(data / "test.parquet")
+    splits = read_examples(data)  # what the workers read: valid is the validation subset
+    valid, test = splits["valid"], splits["test"]
     again = _export_metrics(result.export_dir, valid)
     # the exported weights score what the best epoch scored, not what the last one did
     assert again["NDCG@10"] == pytest.approx(result.metrics["NDCG@10"], abs=1e-4)

@@ -77,9 +77,9 @@ def write_heatmap(result: dict, cfg: Config, path: str) -> dict:
 
     test = result["prepared"].split.test
     row = longest_history(test)
-    attn, rows, keys = interest_attention(result["model"], test.iloc[[row]], result["tokenizer"],
+    attn, rows, keys = interest_attention(result["model"], test.take([row]), result["tokenizer"],
                                           cfg.data.max_history, next(result["model"].parameters()).device)
-    user = int(test["user_id"].iloc[row])
+    user = int(test.user_ids[row])
     title = (f"INT_1 attention, test user {user} (w_gen={cfg.loss.w_gen:g}, w_rec={cfg.loss.w_rec:g}, "
              f"seed {cfg.train.seed})")
     attention_heatmap(attn, rows, keys, title, path=path, row_title="layer, head")

@@ -1,65 +1,72 @@
-"""Evaluation of a KARMA model on an example frame: full-corpus retrieval metrics and the
-semantic analyses (attention sinks, read-out collapse, embedding health, decoded-text fidelity),
-a long-tail breakdown of the retrieval metrics and one example's interest-token attention."""
+"""Evaluation of a KARMA model on examples (`karma.data.Examples`): full-corpus retrieval metrics
+from exact target ranks computed batch by batch (no one holds every user's z), the semantic
+analyses (attention sinks, read-out collapse, embedding health, decoded-text fidelity), a
+long-tail breakdown of the retrieval metrics and one example's interest-token attention."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
-from karma.data import collate
+from karma.data import Examples, validation_subset  # noqa: F401 (the data layer's rule, named here too)
 from karma.metrics import (TAIL_THRESHOLD, effective_rank, fidelity_report, long_tail_report, mean_pairwise_cosine,
                            ranking_report, readout_collapse, sink_stats, uniform_sink_rate)
 from karma.model import KarmaModel
-from karma.retrieval import evaluate_retrieval
+from karma.retrieval import exact_ranks
 from karma.batch import prepare_batch
 from karma.text import Tokenizer, item_texts
 
-
-def validation_subset(valid: pd.DataFrame, max_users: int) -> pd.DataFrame:
-    """The validation examples scored each epoch, by one rule for every training path: a fixed
-    random sample of `max_users` (seed 0, independent of the training seed; 0 = all), kept in
-    their original order. The first N would favour whichever users the reader lists first."""
-    if not max_users or max_users >= len(valid):
-        return valid
-    return valid.sample(n=max_users, random_state=0).sort_index()
-
-
-def batches(examples: pd.DataFrame, batch_size: int, max_history: int):
-    for start in range(0, len(examples), batch_size):
-        rows = examples.iloc[start : start + batch_size]
-        yield collate({c: rows[c].tolist() for c in rows.columns}, max_history)
+RANK_CHUNK = 65536  # items scored at once by exact_ranks (its memory: batch x chunk scores)
 
 
 @torch.no_grad()
-def interest_embeddings(model: KarmaModel, examples: pd.DataFrame, tok: Tokenizer, max_history: int,
-                        device, batch_size: int = 256) -> np.ndarray:
-    """z for every example: [n, H, d] float32."""
+def target_ranks(model: KarmaModel, examples: Examples, tok: Tokenizer, max_history: int, device,
+                 batch_size: int = 256, chunk_size: int = RANK_CHUNK) -> torch.Tensor:
+    """Each example's full-corpus 1-based target rank (int64 [n], pessimistic on ties;
+    `karma.retrieval.exact_ranks`), batch by batch on `device`: memory is one batch's z and
+    scores, whatever the number of examples. Every call runs the same module calls for the same
+    number of examples (under ZeRO-3 each is a collective)."""
     model.eval()
-    out = [model.interests(prepare_batch(b, model, tok, device))["z"].float().cpu()
-           for b in batches(examples, batch_size, max_history)]
-    return torch.cat(out).numpy()
+    items = model.item_embeddings().float()
+    out = []
+    for b in examples.batches(batch_size, max_history):
+        z = model.interests(prepare_batch(b, model, tok, device))["z"].float()
+        out.append(exact_ranks(z.to(items.device), items, b["target"].to(items.device), None, chunk_size).cpu())
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
 
-def retrieval_metrics(model: KarmaModel, examples: pd.DataFrame, tok: Tokenizer, max_history: int,
+def retrieval_report(ranks: torch.Tensor | np.ndarray, targets: np.ndarray, ks: Sequence[int] = (10, 50, 200),
+                     counts: np.ndarray | None = None, tail_threshold: int = TAIL_THRESHOLD) -> dict[str, float]:
+    """HR@K / NDCG@K, MRR and n_queries of the target ranks and, with the training `counts`, their
+    long-tail breakdown (`tail/...`): what `karma.retrieval.evaluate_retrieval` reports for the
+    same ranks."""
+    ranks = torch.as_tensor(ranks)
+    out = ranking_report(ranks.double(), tuple(ks))
+    out["n_queries"] = int(ranks.shape[0])
+    if counts is not None:
+        out.update(long_tail_report(ranks, np.asarray(counts)[np.asarray(targets, np.int64)], tail_threshold,
+                                    tuple(ks)))
+    return out
+
+
+def retrieval_metrics(model: KarmaModel, examples: Examples, tok: Tokenizer, max_history: int,
                       device, ks=(10, 50, 200), counts: np.ndarray | None = None,
                       tail_threshold: int = TAIL_THRESHOLD) -> dict[str, float]:
     """HR@K / NDCG@K and MRR over the full item pool (exact ranks); with the training
     `counts` (`Prepared.counts`), also their long-tail breakdown (`tail/...`)."""
-    z = interest_embeddings(model, examples, tok, max_history, device)
-    with torch.no_grad():
-        items = model.item_embeddings().float().cpu().numpy()
-    return evaluate_retrieval(z, items, examples["target"].to_numpy(), ks=tuple(ks), target_counts=counts,
-                              tail_threshold=tail_threshold)
+    ranks = target_ranks(model, examples, tok, max_history, device)
+    return retrieval_report(ranks, examples.targets, ks, counts, tail_threshold)
 
 
-def popularity_metrics(counts: np.ndarray, examples: pd.DataFrame, ks=(10, 50, 200),
+def popularity_metrics(counts: np.ndarray, examples: Examples, ks=(10, 50, 200),
                        tail_threshold: int = TAIL_THRESHOLD) -> dict[str, float]:
     """The most-popular baseline: every user gets the same ranking by training frequency
     (with its long-tail breakdown: the floor a model's `tail/` numbers should clear)."""
     scores = torch.as_tensor(counts, dtype=torch.float64) + torch.linspace(0, 1e-6, len(counts), dtype=torch.float64)
-    targets = torch.as_tensor(np.array(examples["target"], dtype=np.int64))  # a copy: Arrow columns are read-only
+    targets = torch.from_numpy(examples.targets)
     # rank of each target in the single global ordering (pessimistic ties are broken by the tiny ramp)
     order = torch.argsort(scores, descending=True)
     rank_of = torch.empty_like(order)
@@ -70,7 +77,7 @@ def popularity_metrics(counts: np.ndarray, examples: pd.DataFrame, ks=(10, 50, 2
 
 
 @torch.no_grad()
-def semantic_analyses(model: KarmaModel, examples: pd.DataFrame, items: pd.DataFrame, tok: Tokenizer,
+def semantic_analyses(model: KarmaModel, examples: Examples, items: pd.DataFrame, tok: Tokenizer,
                       max_history: int, device, n: int = 256, decode_tokens: int = 24,
                       ) -> tuple[dict[str, float], list[tuple[str, str]]]:
     """Sink rate, read-out collapse, effective rank and fidelity of text decoded from z;
@@ -78,10 +85,10 @@ def semantic_analyses(model: KarmaModel, examples: pd.DataFrame, items: pd.DataF
     is the sink rate uniform attention would score on the same examples (short prompts
     have a "sink" at their first token by the definition alone)."""
     model.eval()
-    sample = examples.iloc[:n]
+    sample = examples.head(n)
     report: dict[str, float] = {}
     sink, collapse, zs, preds = [], [], [], []
-    for b in batches(sample, 64, max_history):
+    for b in sample.batches(64, max_history):
         batch = prepare_batch(b, model, tok, device)
         maps = model.attention_maps(batch)
         sink.append({**sink_stats(maps["attentions"], maps["attention_mask"], maps["item_mask"]),
@@ -96,26 +103,26 @@ def semantic_analyses(model: KarmaModel, examples: pd.DataFrame, items: pd.DataF
     z = torch.cat(zs)[:, 0]
     report["effective_rank"] = float(effective_rank(z))
     report["mean_cosine"] = float(mean_pairwise_cosine(z))
-    target_items = items.iloc[sample["target"].to_numpy()]
+    target_items = items.iloc[sample.targets]
     refs = item_texts(target_items)
     report.update(fidelity_report(preds, refs, target_items["category"].astype(str).tolist()))
     return report, list(zip(preds[:8], refs[:8]))
 
 
-def longest_history(examples: pd.DataFrame) -> int:
+def longest_history(examples: Examples) -> int:
     """Row position of the example with the longest history (the first on ties): a fixed,
     data-independent rule for picking the user whose attention map a report shows."""
-    return int(np.argmax(examples["history"].map(len).to_numpy()))
+    return int(np.argmax(examples.history_lengths))
 
 
 @torch.no_grad()
-def interest_attention(model: KarmaModel, example: pd.DataFrame, tok: Tokenizer, max_history: int,
+def interest_attention(model: KarmaModel, example: Examples, tok: Tokenizer, max_history: int,
                        device) -> tuple[np.ndarray, list[str], list[str]]:
     """Attention of INT_1 over the prompt for the first row of `example`, one row per (layer,
     head): (attn [layers * heads, T], row labels, key labels), ready for
     karma.plots.attention_heatmap. Items are labelled by recency (item-1 = the latest)."""
     model.eval()
-    batch = prepare_batch(next(batches(example.iloc[:1], 1, max_history)), model, tok, device)
+    batch = prepare_batch(example.head(1).collate(max_history), model, tok, device)
     maps = model.attention_maps(batch)
     q = int(maps["query_positions"][0, 0])
     attn = torch.cat([a[0, :, q, :] for a in maps["attentions"]]).float().cpu().numpy()

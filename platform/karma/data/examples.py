@@ -1,29 +1,29 @@
-"""Training examples: (history -> next item) rows, their Arrow form, and batch collation.
+"""Item rows, sequence order, popularity counts, the epoch's shuffle and batch collation.
 
 Examples speak in item ROWS (position in `data.items`, 0..n_items-1), not item ids,
 because the model's embedding tables are indexed by row. The id -> row mapping
-happens exactly once, here.
+happens exactly once, when the sequences are built (`karma.data.compact`).
 
-Example frame columns:
-    user_id  int64
-    history  1-D int64 array of item rows, oldest first, at most max_history long
-    target   int64 item row
-    query    str ("" when the click had no search query)
-    shown    1-D int64 array of item rows shown but not clicked (possibly empty)
+`collate` batches example rows given one by one (serving, hand-made batches):
+    user_id  int
+    history  1-D array of item rows, oldest first
+    target   int item row
+    query    str ("" or None when the click had no search query)
+    shown    1-D array of item rows shown but not clicked (possibly empty)
+The training data itself is `karma.data.compact.Examples`, whose `collate` gives the same tensors.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 
-from .schema import DataError, InteractionData
+from .schema import DataError
 
-EXAMPLE_COLUMNS = ("user_id", "history", "target", "query", "shown")
-
+if TYPE_CHECKING:
+    from .compact import Examples
 
 def item_rows(items: pd.DataFrame, item_ids, where: str = "events") -> np.ndarray:
     """Map item ids to item rows (vectorised); unknown ids are a DataError."""
@@ -36,73 +36,30 @@ def item_rows(items: pd.DataFrame, item_ids, where: str = "events") -> np.ndarra
     return rows.astype(np.int64)
 
 
-def sequence_positions(events: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
-    """Events sorted by (user_id, ts) (stable), each event's position in its user's
-    sequence, and its user's sequence length."""
-    ev = events.sort_values(["user_id", "ts"], kind="stable").reset_index(drop=True)
-    g = ev.groupby("user_id", sort=False)
-    return ev, g.cumcount().to_numpy(np.int64), g["user_id"].transform("size").to_numpy(np.int64)
-
-
-def make_examples(data: InteractionData, ev: pd.DataFrame, pos: np.ndarray, select: np.ndarray,
-                  max_history: int = 50) -> pd.DataFrame:
-    """One example per selected event of `ev` (sorted as by `sequence_positions`) that has
-    at least one earlier event; history = that user's previous events, the last `max_history`."""
-    if max_history < 1:
-        raise DataError(f"max_history must be >= 1, got {max_history}")
-    rows = item_rows(data.items, ev["item_id"].to_numpy())
-    idx = np.flatnonzero(select & (pos >= 1))
-    starts = idx - np.minimum(pos[idx], max_history)  # never crosses into the previous user
-    history = [rows[s:e] for s, e in zip(starts.tolist(), idx.tolist())]
-    if "query" in ev.columns:
-        query = ["" if q is None or pd.isna(q) else str(q) for q in ev["query"].to_numpy()[idx]]
+def sequence_positions(events: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(order, pos, n): the permutation that sorts events by (user_id, ts) (stable: equal ts
+    keep their order), and each sorted event's position in its user's sequence and its
+    user's sequence length (int64). Vectorised; validated events are already sorted, which
+    costs one pass to see."""
+    user = events["user_id"].to_numpy(np.int64)
+    ts = events["ts"].to_numpy(np.int64)
+    step_user, step_ts = np.diff(user), np.diff(ts)
+    if (step_user >= 0).all() and ((step_user > 0) | (step_ts >= 0)).all():
+        order = np.arange(len(user), dtype=np.int64)
     else:
-        query = [""] * len(idx)
-    if "shown" in ev.columns:
-        lists = [np.zeros(0, np.int64) if v is None else np.asarray(v, np.int64).reshape(-1)
-                 for v in ev["shown"].to_numpy()[idx]]
-        flat = np.concatenate(lists) if lists else np.zeros(0, np.int64)
-        cuts = np.cumsum([len(v) for v in lists])[:-1]
-        shown = np.split(item_rows(data.items, flat, "events.shown"), cuts) if lists else []
-    else:
-        shown = [np.zeros(0, np.int64) for _ in idx]
-    return pd.DataFrame({
-        "user_id": ev["user_id"].to_numpy(np.int64)[idx],
-        "history": pd.Series(history, dtype=object),
-        "target": rows[idx],
-        "query": pd.Series(query, dtype=object),
-        "shown": pd.Series(shown, dtype=object),
-    })
+        order = np.lexsort((ts, user))  # a stable sort, last key first
+        user = user[order]
+    starts = np.flatnonzero(np.r_[True, user[1:] != user[:-1]]) if len(user) else np.zeros(0, np.int64)
+    lengths = np.diff(np.append(starts, len(user)))
+    pos = np.arange(len(user), dtype=np.int64) - np.repeat(starts, lengths)
+    return order, pos, np.repeat(lengths, lengths)
 
 
-def _list_array(values: Sequence[np.ndarray]) -> pa.ListArray:
-    lens = np.fromiter((len(v) for v in values), dtype=np.int32, count=len(values))
-    offsets = np.zeros(len(values) + 1, np.int32)
-    np.cumsum(lens, out=offsets[1:])
-    flat = np.concatenate([np.asarray(v, np.int32) for v in values]) if len(values) else np.zeros(0, np.int32)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat.astype(np.int32)))
-
-
-def to_arrow(examples: pd.DataFrame) -> pa.Table:
-    """Examples as an Arrow table (what goes to Parquet for the workers): history and shown as
-    list<int32>, target int32, user_id int64, query string."""
-    missing = [c for c in EXAMPLE_COLUMNS if c not in examples.columns]
-    if missing:
-        raise DataError(f"examples: missing column(s) {missing}; build them with leave_one_out/time_split")
-    return pa.table({
-        "user_id": pa.array(examples["user_id"].to_numpy(np.int64)),
-        "history": _list_array(list(examples["history"])),
-        "target": pa.array(examples["target"].to_numpy().astype(np.int32)),
-        "query": pa.array([str(q) for q in examples["query"]], pa.string()),
-        "shown": _list_array(list(examples["shown"])),
-    })
-
-
-def item_counts(train_examples: pd.DataFrame, n_items: int) -> np.ndarray:
+def item_counts(train_examples: Examples, n_items: int) -> np.ndarray:
     """How often each item row is a training TARGET (history occurrences are not counted:
     every target also reappears in later histories, which would double-count long users).
     Used as the popularity distribution for negative sampling and the popularity baseline."""
-    t = train_examples["target"].to_numpy(np.int64)
+    t = train_examples.targets
     if len(t) and (t.min() < 0 or t.max() >= n_items):
         raise DataError(f"examples: target rows must lie in [0, {n_items}); got range [{t.min()}, {t.max()}]")
     return np.bincount(t, minlength=n_items).astype(np.int64)

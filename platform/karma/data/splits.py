@@ -1,4 +1,5 @@
-"""Train/valid/test splits of the event sequences into example frames.
+"""Train/valid/test splits of the event sequences: each split an index of target events into
+the sequences stored once (`karma.data.compact`).
 
 Every example's history holds only events that come strictly before its target in
 the user's (user_id, ts)-sorted sequence, so no split leaks its targets into the
@@ -11,30 +12,37 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import pandas as pd
-
 import numpy as np
 
-from .examples import make_examples, sequence_positions
+from .compact import Examples, Sequences
+from .examples import sequence_positions
 from .schema import DataError, InteractionData
 
 
 @dataclass
 class Split:
-    train: pd.DataFrame
-    valid: pd.DataFrame
-    test: pd.DataFrame
+    train: Examples
+    valid: Examples
+    test: Examples
+
+
+def _splitter(data: InteractionData, max_history: int):
+    """(pick, order, pos, n): `pick(select)` makes the examples of the sorted events where
+    `select` holds and that have an earlier event of their user."""
+    order, pos, n = sequence_positions(data.events)
+    seqs = Sequences.from_events(data, order, pos)
+
+    def pick(select: np.ndarray) -> Examples:
+        return Examples.at(seqs, np.flatnonzero(select & (pos >= 1)), max_history)
+
+    return pick, order, pos, n
 
 
 def leave_one_out(data: InteractionData, max_history: int = 50) -> Split:
     """Per user: last event -> test, second-to-last -> valid, every earlier event at
     position >= 1 -> train (the standard protocol of SASRec/UniSRec/RecFormer)."""
-    ev, pos, n = sequence_positions(data.events)
-    split = Split(
-        train=make_examples(data, ev, pos, pos <= n - 3, max_history),
-        valid=make_examples(data, ev, pos, pos == n - 2, max_history),
-        test=make_examples(data, ev, pos, pos == n - 1, max_history),
-    )
+    pick, _, pos, n = _splitter(data, max_history)
+    split = Split(train=pick(pos <= n - 3), valid=pick(pos == n - 2), test=pick(pos == n - 1))
     longest = int(n.max()) if len(n) else 0
     for part, need in (("train", 4), ("valid", 3), ("test", 2)):
         if not len(getattr(split, part)):
@@ -55,13 +63,10 @@ def time_split(data: InteractionData, valid_start: int, test_start: int, max_his
             f"time_split: valid_start ({valid_start}) must be <= test_start ({test_start}); "
             "swap them or pick boundaries in time order"
         )
-    ev, pos, _ = sequence_positions(data.events)
-    ts = ev["ts"].to_numpy()
-    split = Split(
-        train=make_examples(data, ev, pos, ts < valid_start, max_history),
-        valid=make_examples(data, ev, pos, (ts >= valid_start) & (ts < test_start), max_history),
-        test=make_examples(data, ev, pos, ts >= test_start, max_history),
-    )
+    pick, order, pos, _ = _splitter(data, max_history)
+    ts = data.events["ts"].to_numpy(np.int64)[order]
+    split = Split(train=pick(ts < valid_start), valid=pick((ts >= valid_start) & (ts < test_start)),
+                  test=pick(ts >= test_start))
     window = {"train": f"ts < valid_start ({valid_start})",
               "valid": f"valid_start ({valid_start}) <= ts < test_start ({test_start})",
               "test": f"ts >= test_start ({test_start})"}
@@ -76,6 +81,16 @@ def time_split(data: InteractionData, valid_start: int, test_start: int, max_his
                 f"inside that range so that each split gets targets{_suggest_bounds(targets)}"
             )
     return split
+
+
+def validation_subset(valid: Examples, max_users: int) -> Examples:
+    """The validation examples scored each epoch, by one rule for every training path: a fixed
+    random sample of `max_users` (seed 0, independent of the training seed; 0 = all), kept in
+    their original order. The first N would favour whichever users the reader lists first.
+    (The sample pandas' `DataFrame.sample(n=max_users, random_state=0)` draws.)"""
+    if not max_users or max_users >= len(valid):
+        return valid
+    return valid.take(np.sort(np.random.RandomState(0).choice(len(valid), size=max_users, replace=False)))
 
 
 def _suggest_bounds(targets: np.ndarray) -> str:

@@ -22,11 +22,10 @@ import torch
 import torch.distributed as dist
 
 from karma.config import Config, ConfigError, TrainConfig
-from karma.data import epoch_order
-from karma.evaluate import batches, interest_embeddings, semantic_analyses
+from karma.data import Examples, epoch_order
+from karma.evaluate import retrieval_report, semantic_analyses, target_ranks
 from karma.optim import make_optimizer, make_scheduler
 from karma.progress import Progress
-from karma.retrieval import evaluate_retrieval
 from karma.batch import prepare_batch
 from karma.step import Gather, NegativeSampler, local_gather
 from karma.train import NonFiniteLoss
@@ -36,13 +35,13 @@ SELECT_METRIC = "NDCG@10"  # the validation metric early stopping and the best e
 
 @dataclass
 class TrainData:
-    """What a run trains and measures on: example frames (history, target[, query]), the item
-    table and the training interaction counts (negatives, long-tail breakdown). `valid` is the
-    subset scored every epoch (`evaluate.validation_subset`)."""
+    """What a run trains and measures on: the splits' examples (`karma.data.Examples`, memory-mapped
+    in the Ray workers), the item table and the training interaction counts (negatives, long-tail
+    breakdown). `valid` is the subset scored every epoch (`karma.data.validation_subset`)."""
 
-    train: pd.DataFrame
-    valid: pd.DataFrame
-    test: pd.DataFrame
+    train: Examples
+    valid: Examples
+    test: Examples
     items: pd.DataFrame
     counts: np.ndarray
 
@@ -88,13 +87,14 @@ def epoch_rows(history_lengths: np.ndarray, batch_size: int, world: int, rank: i
     return order[: micro_batches * world * batch_size].reshape(micro_batches, world, batch_size)[:, rank].reshape(-1)
 
 
-def epoch_batches(train: pd.DataFrame, cfg: Config, rank: int, world: int, micro_batches: int, epoch: int,
+def epoch_batches(train: Examples, cfg: Config, rank: int, world: int, micro_batches: int, epoch: int,
                   done: int = 0, history_lengths: np.ndarray | None = None):
-    """This worker's collated micro-batches of one epoch (`epoch_rows`), after the first `done`."""
+    """This worker's collated micro-batches of one epoch (`epoch_rows`), after the first `done`;
+    each batch's history windows are cut as it is collated."""
     t = cfg.train
-    lengths = train["history"].map(len).to_numpy() if history_lengths is None else history_lengths
+    lengths = train.history_lengths if history_lengths is None else history_lengths
     rows = epoch_rows(lengths, t.batch_size, world, rank, micro_batches, t.seed, epoch, t.bucket_batches)
-    return batches(train.iloc[rows[done * t.batch_size:]], t.batch_size, cfg.data.max_history)
+    return train.take(rows[done * t.batch_size:]).batches(t.batch_size, cfg.data.max_history)
 
 
 class PlainBackend:
@@ -231,7 +231,7 @@ class Trainer:
         self.steps_per_epoch, self.total_steps = steps_plan(cfg.train, len(data.train), world)
         self.sampler = NegativeSampler(data.counts, cfg.loss.n_negatives,
                                        seed=sampler_seed(cfg.train.seed, backend.rank), device=backend.device)
-        self._history_lengths = data.train["history"].map(len).to_numpy()
+        self._history_lengths = data.train.history_lengths
         # CPU: reading a flag costs nothing, so check every step; elsewhere at progress lines
         # and epoch ends, where the step already waits for the device.
         self._check_every_step = backend.device.type == "cpu"
@@ -293,39 +293,30 @@ class Trainer:
                 self.log(f"early stop: no {SELECT_METRIC} gain for {s.stale} epochs (best: epoch {s.best_epoch})")
             yield metrics
 
-    def interests(self, examples: pd.DataFrame) -> torch.Tensor:
-        """z [n, H, d] of every example, each worker encoding its own slice, all-gathered.
+    def target_ranks(self, examples: Examples) -> torch.Tensor:
+        """Every example's full-corpus target rank (int64 [n]): each worker ranks its own share,
+        batch by batch on its device (`evaluate.target_ranks`), and only the ranks are gathered.
 
-        Slices are padded to equal length so every worker runs the same forwards (ZeRO-3 needs
-        that): every worker ends with the complete tensor."""
+        Shares are padded to equal length (repeating the first examples) so every worker runs
+        the same forwards (ZeRO-3 needs that); the padding's ranks are dropped."""
         b = self.backend
         n = len(examples)
         per = -(-n // b.world)
-        part = examples.iloc[np.arange(b.rank * per, b.rank * per + per) % n]
-        z = torch.from_numpy(interest_embeddings(b.module, part, self.tok, self.cfg.data.max_history, b.device))
+        share = examples.take(np.arange(b.rank * per, b.rank * per + per) % max(n, 1))
+        ranks = target_ranks(b.module, share, self.tok, self.cfg.data.max_history, b.device)
         if b.world > 1:
-            z = z.to(b.device)  # NCCL gathers device tensors
-            parts = [torch.empty_like(z) for _ in range(b.world)]
-            dist.all_gather(parts, z)
-            z = torch.cat(parts).cpu()
-        return z[:n]  # padding repeated the first rows: drop it
+            ranks = ranks.to(b.device)  # NCCL gathers device tensors
+            parts = [torch.empty_like(ranks) for _ in range(b.world)]
+            dist.all_gather(parts, ranks)
+            ranks = torch.cat(parts).cpu()
+        return ranks[:n]
 
-    def evaluate(self, examples: pd.DataFrame) -> dict:
+    def evaluate(self, examples: Examples) -> dict:
         """HR@K / NDCG@K and MRR over the full item pool (exact ranks) with their long-tail
-        breakdown (`tail/...`), computed on rank 0 and broadcast: every rank decides alike."""
-        b = self.backend
-        z = self.interests(examples)
-        with torch.no_grad():  # every rank: under ZeRO-3 any module call is a collective
-            item_emb = b.module.item_embeddings().float().cpu()
-        metrics: dict = {}
-        if b.rank == 0:
-            metrics = evaluate_retrieval(z, item_emb, examples["target"].to_numpy(), ks=tuple(self.cfg.train.ks),
-                                         target_counts=self.data.counts)
-        if b.world > 1:
-            box = [metrics]
-            dist.broadcast_object_list(box, src=0)
-            metrics = box[0]
-        return metrics
+        breakdown (`tail/...`), from the gathered target ranks: every rank computes the same
+        metrics, so every rank decides alike."""
+        ranks = self.target_ranks(examples)
+        return retrieval_report(ranks, examples.targets, tuple(self.cfg.train.ks), self.data.counts)
 
     def finish(self) -> dict:
         """The test protocol, once training is over: the best epoch's weights back into the

@@ -9,7 +9,8 @@ import time
 import torch
 
 from karma.config import Config
-from karma.evaluate import popularity_metrics, validation_subset
+from karma.data import validation_subset
+from karma.evaluate import popularity_metrics
 from karma.factory import build_model
 from karma.pipeline import prepare
 from karma.train.loop import PlainBackend, TrainData, Trainer, steps_plan

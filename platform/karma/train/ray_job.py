@@ -1,5 +1,5 @@
-"""The Ray Train assembly: data to Parquet (in a Ray task, not on the driver), read by the
-workers with a fresh shuffle every epoch, a TorchTrainer with fault tolerance and score-kept
+"""The Ray Train assembly: data to compact example arrays (in a Ray task, not on the driver),
+memory-mapped by the workers, a fresh shuffle every epoch, a TorchTrainer with fault tolerance and score-kept
 checkpoints, then the MLflow run and registry. Called by jobs/train.py and, per trial, by the
 Tune sweep."""
 
@@ -45,25 +45,16 @@ class TrainResult:
 # which holds no CPU for them.
 @ray.remote(scheduling_strategy="DEFAULT")
 def prepare_data(cfg_dict: dict, out_dir: str) -> dict:
-    """Load, validate and split the data; write examples as Parquet for the workers.
-    Runs as a Ray task so the driver never holds the data set."""
+    """Load, validate and split the data; write the compact examples (`karma.data.write_examples`:
+    each sequence once, each split an index; valid as the validation subset), the item table and
+    the training counts for the workers, who memory-map them. Runs as a Ray task so the driver
+    never holds the data set."""
     from karma.config import from_dict
-    from karma.data import to_arrow
-    from karma.evaluate import validation_subset
-    from karma.pipeline import prepare
-    import pyarrow.parquet as pq
+    from karma.pipeline import prepare, write_prepared
 
     cfg = from_dict(cfg_dict)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     prep = prepare(cfg.data, log=lambda m: print(f"[karma] {m}", flush=True))
-    pq.write_table(to_arrow(prep.split.train), out / "train.parquet", row_group_size=4096)
-    valid = validation_subset(prep.split.valid, cfg.train.eval_max_users)
-    valid.to_parquet(out / "valid.parquet")
-    prep.split.test.to_parquet(out / "test.parquet")
-    prep.data.items.to_parquet(out / "items.parquet")
-    np.save(out / "counts.npy", prep.counts)
-    return {"n_train": len(prep.split.train), "n_valid": len(valid), "n_items": prep.data.n_items}
+    return write_prepared(prep, Path(out_dir), cfg.train.eval_max_users)
 
 
 def check_resources(cfg: Config) -> None:

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from karma.config import from_dict
-from karma.evaluate import batches
+from karma.data import read_examples
 from karma.export import export_model
 from karma.factory import build_model
 from karma.batch import prepare_batch
@@ -88,10 +88,11 @@ def _restore(engine, sampler: NegativeSampler, rank: int, log) -> tuple[LoopStat
 
 
 def _read_data(data_dir: Path) -> TrainData:
-    """The examples `ray_job.prepare_data` wrote (valid is already the validation subset)."""
-    return TrainData(train=pd.read_parquet(data_dir / "train.parquet"), valid=pd.read_parquet(data_dir / "valid.parquet"),
-                     test=pd.read_parquet(data_dir / "test.parquet"), items=pd.read_parquet(data_dir / "items.parquet"),
-                     counts=np.load(data_dir / "counts.npy"))
+    """The examples `ray_job.prepare_data` wrote (valid is already the validation subset),
+    memory-mapped: the workers on a host share one copy of the pages in the page cache."""
+    splits = read_examples(data_dir)
+    return TrainData(train=splits["train"], valid=splits["valid"], test=splits["test"],
+                     items=pd.read_parquet(data_dir / "items.parquet"), counts=np.load(data_dir / "counts.npy"))
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -183,8 +184,8 @@ def _final_outputs(trainer: Trainer, metrics: dict, ckpt_dir: Path, write: bool)
     if karma:
         weights = full_state_dict(trainer.backend.engine)
         # A probe of interest embeddings the export must reproduce after reloading.
-        probe = trainer.data.valid.iloc[:16]
-        batch = prepare_batch(next(batches(probe, len(probe), cfg.data.max_history)), model, tok, trainer.backend.device)
+        probe = trainer.data.valid.head(16)
+        batch = prepare_batch(probe.collate(cfg.data.max_history), model, tok, trainer.backend.device)
         with torch.no_grad(), torch_linear():  # the arithmetic a reloading process will do
             item_emb = model.item_embeddings().float().cpu().numpy()
             z = model.interests(batch)["z"].float().cpu().numpy()
@@ -201,7 +202,7 @@ def _final_outputs(trainer: Trainer, metrics: dict, ckpt_dir: Path, write: bool)
     export = export_model(model, tok, cfg, trainer.data.items, ckpt_dir / "export", state_dict=weights,
                           item_emb=item_emb)
     np.save(export / "probe_interests.npy", z)
-    probe.to_parquet(export / "probe_examples.parquet")
+    probe.to_frame().to_parquet(export / "probe_examples.parquet")
     last = maps["attentions"][-1].mean(1)  # [B, T, T], heads averaged
     q = maps["query_positions"][0, 0].item()
     attn = last[:8, q, :].cpu().numpy()
