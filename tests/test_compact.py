@@ -146,6 +146,13 @@ def test_write_and_read_back_memory_mapped(data, tmp_path):
         assert len(back[name]) == len(examples)
         for got, want in zip(back[name].batches(64), examples.batches(64), strict=True):
             assert_same_batch(got, want)
+    # prepared again into the same folder, from data without queries or shown lists
+    bare = leave_one_out(InteractionData(data.items, data.events[["user_id", "item_id", "ts"]]), MAX_HISTORY)
+    write_examples(tmp_path, {"train": bare.train, "valid": bare.valid, "test": bare.test})
+    again = read_examples(tmp_path)["test"]
+    assert again.sequences.query is None and again.sequences.shown_offsets is None
+    assert_same_batch(again.collate(), bare.test.collate())
+    assert back["test"].collate()["query"] == split.test.collate()["query"]  # the first reader's files live on
 
 
 def test_validation_subset_is_the_frames_sample(data):

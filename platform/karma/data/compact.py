@@ -26,6 +26,7 @@ the frame form (`to_frame` / `from_frame` convert, for small outputs and hand-ma
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +44,7 @@ META = "examples.json"
 FORMAT_VERSION = 1
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Sequences:
     """Every user's events once, sorted by (user_id, ts); see the module docstring."""
 
@@ -85,11 +86,16 @@ class Sequences:
         for name in SEQUENCE_ARRAYS:
             value = getattr(self, name)
             if value is not None:
-                np.save(folder / f"{name}.npy", value)
+                _save_npy(folder / f"{name}.npy", value)
+            else:  # an earlier preparation's file would be read as this data's
+                (folder / f"{name}.npy").unlink(missing_ok=True)
+        (folder / "query.arrow").unlink(missing_ok=True)
         if self.query is not None:
             table = pa.table({"query": self.query})
-            with pa.OSFile(str(folder / "query.arrow"), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
+            tmp = folder / "query.arrow.tmp"
+            with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
                 w.write_table(table)
+            os.replace(tmp, folder / "query.arrow")
 
     @classmethod
     def load(cls, folder: Path) -> Sequences:
@@ -107,7 +113,7 @@ class Sequences:
         return cls(**arrays)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Examples:
     """One split: example i is event `pos[i]` of sequence `seq[i]`, with the `max_history`
     events before it as its history. Subsets (`take`) share the sequences."""
@@ -268,7 +274,7 @@ def write_examples(folder: str | Path, splits: Mapping[str, Examples]) -> None:
         raise ValueError("write_examples: the splits must share one Sequences and one max_history")
     parts[0].sequences.save(folder / "sequences")
     for name, ex in splits.items():
-        np.save(folder / f"{name}.npy", np.stack([ex.seq, ex.pos], axis=1).astype(np.int32))
+        _save_npy(folder / f"{name}.npy", np.stack([ex.seq, ex.pos], axis=1).astype(np.int32))
     meta = {"format": FORMAT_VERSION, "max_history": parts[0].max_history,
             "splits": {name: len(ex) for name, ex in splits.items()}}
     (folder / META).write_text(json.dumps(meta, indent=2) + "\n")
@@ -289,6 +295,15 @@ def read_examples(folder: str | Path) -> dict[str, Examples]:
         index = np.load(folder / f"{name}.npy", mmap_mode="r")
         out[name] = Examples(seqs, index[:, 0], index[:, 1], int(meta["max_history"]))
     return out
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    """np.save through a renamed temporary file: a process still mapping the previous file keeps
+    reading it whole (overwriting it in place would cut the pages from under that mapping)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    os.replace(tmp, path)
 
 
 def _strings(column: pd.Series, where: str) -> pa.ChunkedArray:
