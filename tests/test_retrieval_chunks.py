@@ -160,6 +160,16 @@ def test_exact_topk_in_user_chunks_equals_one_block(tied):
         assert torch.equal(part[0], whole[0]) and torch.equal(part[1], whole[1])
 
 
+def test_embeddings_that_require_grad_are_ranked_without_a_graph(tied):
+    """A model's outputs (SASRec's interests, say) may still require grad."""
+    items, q1, _, t, ex = tied
+    q = q1.nan_to_num(0.0).requires_grad_()
+    ranks = exact_ranks(q, items.clone().requires_grad_(), t, ex, chunk_size=97, user_chunk=64)
+    assert not ranks.requires_grad and torch.equal(ranks, reference_ranks(q.detach(), items.detach(), t, ex))
+    scores, _ = exact_topk(q, items, 5, user_chunk=64)
+    assert not scores.requires_grad
+
+
 def test_chunk_arguments_are_checked(tied):
     items, q1, _, t, _ = tied
     for kw in ({"user_chunk": 0}, {"chunk_size": 0}):

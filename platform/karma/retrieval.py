@@ -106,6 +106,7 @@ def _check_positive(**values: int) -> None:
             raise ValueError(f"{name} must be >= 1, got {v}")
 
 
+@torch.no_grad()  # a selection: nothing to differentiate, and no graph held over the chunks
 def exact_topk(
     queries: torch.Tensor,
     items: torch.Tensor,
@@ -175,6 +176,7 @@ def _topk_block(
     return best_s.float(), best_i
 
 
+@torch.no_grad()  # a count: nothing to differentiate, and no graph held over the chunks
 def exact_ranks(
     queries: torch.Tensor,
     items: torch.Tensor,
