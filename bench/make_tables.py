@@ -42,6 +42,8 @@ def kind_of(rel: str, r: dict) -> str:
         return "train_throughput"
     if name.startswith("retrieval") and "results" in r:
         return "retrieval"
+    if name.startswith("eval_memory") and "runs" in r:
+        return "eval_memory"
     if "http" in r and "in_process" in r:
         return "serve_load"
     if "per_seed" in r and "mean_std" in r:
@@ -142,6 +144,27 @@ def retrieval_section(files: list[tuple[str, dict]]) -> list[str]:
             "block is a file written before those settings were recorded.", ""] + table(header, rows) + [""]
 
 
+def eval_memory_section(files: list[tuple[str, dict]]) -> list[str]:
+    rows, notes = [], []
+    for rel, r in files:
+        s, copy = r.get("settings", {}), r.get("code") or r.get("provenance") or {}
+        version = (copy.get("git_commit") or "?")[:7] + (" (dirty)" if copy.get("git_dirty") else "")
+        for v in r["runs"]:
+            rows.append([code(rel), device_of(r), version, f"{fmt(s.get('items'))} x {s.get('dim')}",
+                         fmt(v.get("user_chunk")), fmt(s.get("chunk_size")), fmt(v["users"]), fmt(v["seconds"], ",.1f"),
+                         fmt(v["users_per_s"]), fmt(v["peak_rss_mib"]), fmt(v["inputs_rss_mib"]),
+                         fmt(v["peak_over_inputs_mib"]), fmt(v.get("load_avg_1m_before"), ".1f")])
+        notes += [f"- {code(rel)}: {fmt(v['users'])} users skipped: {v['why']}" for v in r.get("skipped", [])]
+    header = ["file", "device", "code", "items x dim", "user chunk", "item chunk", "users", "seconds", "users/s",
+              "peak RSS MiB", "inputs MiB", "peak - inputs MiB", "load (1 min)"]
+    return ["## Evaluation memory (exact ranks of every user over the full corpus)", "",
+            "`bench/eval_memory.py`: `karma.retrieval.evaluate_retrieval` (HR/NDCG@10/50/200, MRR), random queries "
+            "against random items, one fresh process per row; peak RSS from `getrusage`, inputs = the RSS with the "
+            "queries and items generated, before evaluating. Code: the commit of the package the children ran "
+            "(the file's provenance, or the other copy it names).", ""] + table(header, rows) + [""] + (
+            notes + [""] if notes else [])
+
+
 def serve_section(files: list[tuple[str, dict]]) -> list[str]:
     rows = []
     for rel, r in files:
@@ -227,7 +250,8 @@ def other_section(files: list[tuple[str, dict]]) -> list[str]:
     return ["## Other results", ""] + table(["file", "device", "fields"], rows) + [""]
 
 
-SECTIONS = (("train_throughput", train_section), ("retrieval", retrieval_section), ("serve_load", serve_section),
+SECTIONS = (("train_throughput", train_section), ("retrieval", retrieval_section),
+            ("eval_memory", eval_memory_section), ("serve_load", serve_section),
             ("sasrec", sasrec_section), ("epoch_cost", epoch_cost_section), ("training_run", run_section),
             ("ablation_sweep", ablation_section), ("other", other_section))
 

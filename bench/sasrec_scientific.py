@@ -133,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
                  "torch": torch.__version__},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    from karma.provenance import provenance
+
+    args.out.write_text(json.dumps({**out, "provenance": provenance(cfg, out["command"])}, indent=2) + "\n")
     print(f"{'seed':>6} {'HR@10':>8} {'NDCG@10':>8} {'HR@50':>8} {'NDCG@50':>8} {'MRR':>8} {'epochs':>7} {'wall_s':>7}")
     for r in runs:
         t = r["test"]

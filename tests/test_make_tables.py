@@ -64,3 +64,23 @@ def test_ablation_sweep_rows_average_completed_seeds_of_the_test_split(tmp_path)
     # valid HR@10 (0.9) is never shown; the pending trial is not averaged in
     assert "| 1 | action-only | 2 of 3 | 0.2000 ± 0.1414 | 0.1000 ± 0.0707 | - | - |" in text
     assert "| 1 | KARMA | 1 of 3 | 0.2000 ± 0.0000 | 0.1000 ± 0.0000 | - | - |" in text
+
+
+def test_eval_memory_rows_name_the_code_and_the_skipped_sizes(tmp_path):
+    mt = _module()
+    res = tmp_path / "results"
+    res.mkdir()
+    run = {"users": 2500, "seconds": 1.5, "users_per_s": 1666.7, "peak_rss_mib": 300.0, "inputs_rss_mib": 250.0,
+           "peak_over_inputs_mib": 50.0, "user_chunk": 1024, "load_avg_1m_before": 2.0}
+    (res / "eval_memory_cpu.json").write_text(json.dumps({
+        "settings": {"items": 65536, "dim": 64, "chunk_size": 65536}, "runs": [run], "host": {"cpus": 2},
+        "skipped": [{"users": 1000000, "why": "too slow"}], "provenance": {"git_commit": "abcdef123", "git_dirty": False}}))
+    (res / "eval_memory_cpu_before.json").write_text(json.dumps({
+        "settings": {"items": 65536, "dim": 64, "chunk_size": 65536}, "runs": [{**run, "user_chunk": "all"}],
+        "host": {"cpus": 2}, "code": {"path": "/x/karma", "git_commit": "0123456789", "git_dirty": True},
+        "provenance": {"git_commit": "abcdef123", "git_dirty": False}}))
+    text = mt.render(res)
+    assert ("| `" + str(res / "eval_memory_cpu.json") + "` | cpu (2 cores) | abcdef1 | 65,536 x 64 | 1,024 | 65,536 | "
+            "2,500 | 1.5 | 1,667 | 300 | 250 | 50 | 2.0 |") in text
+    assert "| 0123456 (dirty) | 65,536 x 64 | all |" in text  # the other copy's commit, not the writer's
+    assert "1,000,000 users skipped: too slow" in text

@@ -3,6 +3,7 @@ its results carry the long-tail breakdown and the test split's semantic analyses
 writes them as JSON next to an attention heat-map."""
 
 import json
+import subprocess
 import sys
 
 import numpy as np
@@ -48,6 +49,13 @@ def test_job_writes_metrics_analyses_and_heatmap(cache_dir, tmp_path):
     assert "tail/n_queries" in summary["test"] and set(summary["analyses"]) == ANALYSES
     assert "decoded" not in summary  # item texts stay out of result files
     assert summary["heatmap"]["path"] == str(png) and summary["heatmap"]["positions"] > 1
+    # provenance: the command, the code's commit, the resolved config; synthetic data reads no file
+    prov = summary["provenance"]
+    assert prov["command"] == summary["command"] and prov["data_files"] == {}
+    assert prov["config"]["train"]["max_steps"] == 5 and prov["config"]["data"]["cache_dir"] == cache_dir
+    assert prov["config"]["model"]["tiny_hidden"] == 32  # from configs/tiny.yaml
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    assert prov["git_commit"] == (head.stdout.strip() if head.returncode == 0 else None)
     assert png.stat().st_size < 150_000 and imread(png).shape[0] > 100
     no_analyses = load_job().main(["--config", str(ROOT / "configs" / "tiny.yaml"), "--out", str(out),
                                    f"data.cache_dir={cache_dir}", "train.max_steps=2", "train.analysis_examples=0"])

@@ -79,7 +79,7 @@ def test_job_trains_tracks_and_registers(trained):
     artifacts = {a.path for a in client.list_artifacts(result.run_id)} | {
         a.path for a in client.list_artifacts(result.run_id, "report")}
     assert {"config.json", "report/eval_report.json", "report/hr_at_k.png", "report/interest_attention.png",
-            "report/valid_ndcg_at_10.png"} <= artifacts
+            "report/valid_ndcg_at_10.png", "report/provenance.json"} <= artifacts
     # the final checkpoint is Ray's persisted one, hard-linked (not a second copy on the same disk)
     assert result.checkpoint_dir.name == "final" and (result.export_dir / "meta.json").stat().st_nlink == 2
     version = client.get_model_version_by_alias(cfg.tracking.experiment, cfg.tracking.alias)
@@ -143,7 +143,10 @@ def test_sasrec_through_the_ray_job(session, cache_dir):
     assert any("no inference export and no registration" in m for m in logs)
     report = {a.path for a in mlflow.MlflowClient(f"sqlite:///{root}/mlflow.db").list_artifacts(result.run_id,
                                                                                                  "report")}
-    assert {"report/eval_report.json", "report/hr_at_k.png", "report/valid_ndcg_at_10.png"} == report
+    assert {"report/eval_report.json", "report/hr_at_k.png", "report/valid_ndcg_at_10.png",
+            "report/provenance.json"} == report
+    prov = json.loads((result.checkpoint_dir / "report" / "provenance.json").read_text())
+    assert prov["config"] == cfg.to_dict() and prov["data_files"] == {}  # synthetic: no data files
 
 
 @pytest.mark.parametrize("overrides, needle", [

@@ -44,12 +44,14 @@ def _check_exclude(exclude: torch.Tensor | None, B: int, device: torch.device) -
 
 def _chunk_scores(
     q: torch.Tensor, items: torch.Tensor, start: int, end: int, ex: torch.Tensor | None,
-    dtype: torch.dtype | None = torch.float32,
+    dtype: torch.dtype | None = torch.float32, out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Max-over-heads scores of items[start:end] as [B, end-start] (`dtype`; None keeps the
-    matmul's), excluded ids at -inf. One matmul over all heads; no reduction pass when H = 1."""
+    matmul's), excluded ids at -inf. One matmul over all heads; no reduction pass when H = 1.
+    `out`: a flat scratch of >= B*H*(end-start) elements of the items' dtype for the matmul."""
     B, H, d = q.shape
-    s = q.reshape(B * H, d) @ items[start:end].T
+    mm_out = None if out is None else out[: B * H * (end - start)].view(B * H, end - start)
+    s = torch.matmul(q.reshape(B * H, d), items[start:end].T, out=mm_out)
     s = s.view(B, H, -1).amax(dim=1) if H > 1 else s
     if dtype is not None:
         s = s.to(dtype)
@@ -91,6 +93,20 @@ def _defaults(device: torch.device) -> tuple[int, int]:
     return (1 << 20, 0) if device.type == "cuda" else (65_536, 0)
 
 
+def _user_chunk(device: torch.device) -> int:
+    """Users scored at once by exact_topk and exact_ranks: their [users, item chunk] score
+    block is what memory holds, whatever the number of users. A GPU takes 4,096 (the batch
+    the H100 top-k numbers above ran fastest at); a CPU 1,024 (bench/results/eval_memory_cpu.json)."""
+    return 4096 if device.type == "cuda" else 1024
+
+
+def _check_positive(**values: int) -> None:
+    for name, v in values.items():
+        if v < 1:
+            raise ValueError(f"{name} must be >= 1, got {v}")
+
+
+@torch.no_grad()  # a selection: nothing to differentiate, and no graph held over the chunks
 def exact_topk(
     queries: torch.Tensor,
     items: torch.Tensor,
@@ -99,15 +115,18 @@ def exact_topk(
     chunk_size: int | None = None,
     block: int | None = None,
     score_dtype: torch.dtype | None = None,
+    user_chunk: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k by inner product (max over heads), on the tensors' device.
 
-    Items are scored chunk by chunk and merged into a running top-k, so memory is
-    O(B * (chunk_size + k)) however large the corpus. Scores are computed and selected in
+    Users are taken `user_chunk` at a time and items `chunk_size` at a time, each chunk merged
+    into a running top-k, so beyond the [B,k] answer memory is O(user_chunk * (chunk_size + k))
+    however many users and items. Scores are computed and selected in
     `score_dtype` (default: the items' dtype; fp16/bf16 halves the bytes every selection pass
     reads) and only the k winners are upcast. `block` > 0 selects in two stages (top-k per
     block of items, then over the survivors): the same items, fewer passes over long rows.
-    Defaults per device: chunk 2^20 and one stage on CUDA, 65,536 and one stage on CPU.
+    Defaults per device: chunk 2^20, one stage and 4,096 users on CUDA; 65,536, one stage and
+    1,024 users on CPU.
     Returns (scores [B,k] float32, ids [B,k] int64), best first; slots with no eligible item
     hold -inf / -1. Nothing reads back to the host: exclusions are scattered on the device.
     """
@@ -120,15 +139,27 @@ def exact_topk(
     default_chunk, default_block = _defaults(items.device)
     chunk_size = default_chunk if chunk_size is None else chunk_size
     block = default_block if block is None else block
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    user_chunk = _user_chunk(items.device) if user_chunk is None else user_chunk
+    _check_positive(chunk_size=chunk_size, user_chunk=user_chunk)
     if block < 0:
         raise ValueError(f"block must be >= 0 (0 = one-stage selection), got {block}")
     items = items.to(dtype)
     q = _as_heads(queries, d).to(device=items.device, dtype=dtype)
     B = q.shape[0]
     ex = _check_exclude(exclude, B, items.device)
-    best_s = torch.full((B, k), float("-inf"), dtype=dtype, device=items.device)
+    if B <= user_chunk:
+        return _topk_block(q, items, k, ex, chunk_size, block)
+    parts = [_topk_block(q[u : u + user_chunk], items, k, None if ex is None else ex[u : u + user_chunk],
+                         chunk_size, block) for u in range(0, B, user_chunk)]
+    return torch.cat([s for s, _ in parts]), torch.cat([i for _, i in parts])
+
+
+def _topk_block(
+    q: torch.Tensor, items: torch.Tensor, k: int, ex: torch.Tensor | None, chunk_size: int, block: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """exact_topk of one block of users: q [B,H,d] and items already in the scoring dtype."""
+    B, N = q.shape[0], items.shape[0]
+    best_s = torch.full((B, k), float("-inf"), dtype=items.dtype, device=items.device)
     best_i = torch.full((B, k), -1, dtype=torch.long, device=items.device)
     for start in range(0, N, chunk_size):
         end = min(start + chunk_size, N)
@@ -145,16 +176,26 @@ def exact_topk(
     return best_s.float(), best_i
 
 
+@torch.no_grad()  # a count: nothing to differentiate, and no graph held over the chunks
 def exact_ranks(
     queries: torch.Tensor,
     items: torch.Tensor,
     targets: torch.Tensor,
     exclude: torch.Tensor | None = None,
     chunk_size: int = 65536,
+    user_chunk: int | None = None,
 ) -> torch.Tensor:
-    """Full-corpus 1-based rank of each target, pessimistic on ties (as
-    karma.metrics.target_ranks) but chunked: never materialises [B,N].
-    The target itself is never excluded, even if it appears in `exclude`."""
+    """Full-corpus 1-based rank of each target, pessimistic on ties, exactly as
+    karma.metrics.target_ranks on the full score matrix: 1 + the other, non-excluded items
+    scoring at least the target's score; NaN scores count against the target, and a NaN target
+    ranks last. The target itself is never excluded, even if it appears in `exclude`.
+
+    Chunked both ways, at most `user_chunk` users (default: 4,096 on CUDA, 1,024 on CPU)
+    against `chunk_size` items at a time, so memory is O(user_chunk * chunk_size) (times H for
+    multi-head queries) beyond the inputs and the [B] answer, whatever the number of users and
+    items; never [B,N]. A block holds users whose targets lie in the same item chunk, so few
+    users against many chunks make more, smaller blocks (at most B/user_chunk + N/chunk_size),
+    doing the same arithmetic. Runs on the items' device."""
     if items.dim() != 2:
         raise ValueError(f"items must be [N,d], got shape {tuple(items.shape)}")
     N, d = items.shape
@@ -165,25 +206,56 @@ def exact_ranks(
         raise ValueError(f"targets must be [B]=[{B}], got shape {tuple(t.shape)}")
     if B and (int(t.min()) < 0 or int(t.max()) >= N):
         raise ValueError(f"targets must lie in [0, {N})")
+    user_chunk = _user_chunk(items.device) if user_chunk is None else user_chunk
+    _check_positive(chunk_size=chunk_size, user_chunk=user_chunk)
     ex = _check_exclude(exclude, B, items.device)
-    # the target's score comes from the same chunked kernel as its competitors
-    tgt = torch.empty(B, device=items.device)
-    for start in range(0, N, chunk_size):
-        end = min(start + chunk_size, N)
-        inside = (t >= start) & (t < end)
-        if inside.any():
-            rows = inside.nonzero(as_tuple=True)[0]
-            s = _chunk_scores(q[rows], items, start, end, None)
-            tgt[rows] = s[torch.arange(rows.numel(), device=s.device), t[rows] - start]
-    rank = torch.ones(B, dtype=torch.long, device=items.device)
-    for start in range(0, N, chunk_size):
-        end = min(start + chunk_size, N)
-        s = _chunk_scores(q, items, start, end, ex)
-        inside = (t >= start) & (t < end)
-        rows = inside.nonzero(as_tuple=True)[0]
-        s[rows, t[rows] - start] = float("-inf")  # the target does not compete with itself
-        rank += ((s >= tgt.unsqueeze(1)) | s.isnan() | tgt.isnan().unsqueeze(1)).sum(dim=1)
+    # Blocks of users whose targets share an item chunk: that chunk's one matmul gives both the
+    # targets' scores and their competitors', so a tie (a duplicated item, say) is a tie bit
+    # for bit (a matmul over other rows may round differently).
+    home = t // chunk_size
+    order = torch.argsort(home, stable=True)
+    rank = torch.empty(B, dtype=torch.long, device=items.device)
+    # one block's scores and comparisons live in these, reused by every block: a fresh
+    # allocation of that size per chunk costs the CPU its page faults again each time
+    cells = min(user_chunk, B) * min(chunk_size, N)
+    scratch = (torch.empty(cells * q.shape[1], dtype=items.dtype, device=items.device),
+               torch.empty(cells, dtype=torch.bool, device=items.device))
+    first = 0
+    for c, n in enumerate(torch.bincount(home, minlength=-(-N // chunk_size)).tolist()):
+        for u in range(first, first + n, user_chunk):
+            rows = order[u : min(u + user_chunk, first + n)]
+            rank[rows] = _block_ranks(q[rows], items, t[rows], None if ex is None else ex[rows], c * chunk_size,
+                                      chunk_size, scratch)
+        first += n
     return rank
+
+
+def _block_ranks(
+    q: torch.Tensor, items: torch.Tensor, t: torch.Tensor, ex: torch.Tensor | None, home: int, chunk_size: int,
+    scratch: tuple[torch.Tensor, torch.Tensor],
+) -> torch.Tensor:
+    """exact_ranks of a block of users whose targets all lie in the item chunk starting at `home`,
+    as karma.metrics.target_ranks on the full score matrix:
+    rank = 1 + #(items not below the target) - #(those among the target and its excluded ids),
+    where "not below" (not s < target) is the pessimistic rule in one comparison: ties, NaN
+    scores, and everything against a NaN target. The target and excluded ids are read back with
+    a gather rather than masked in the scores, so an excluded item never counts, NaN or not."""
+    N = items.shape[0]
+    drop = t.unsqueeze(1) if ex is None else torch.cat([t.unsqueeze(1), ex], dim=1)
+    drop = drop.sort(dim=1).values
+    drop[:, 1:].masked_fill_(drop[:, 1:] == drop[:, :-1], -1)  # each id once: a repeat becomes padding
+    not_below = torch.zeros(q.shape[0], dtype=torch.long, device=items.device)
+    for start in [home, *(s for s in range(0, N, chunk_size) if s != home)]:
+        end = min(start + chunk_size, N)
+        s = _chunk_scores(q, items, start, end, None, out=scratch[0])
+        if start == home:
+            floor = s.gather(1, (t - start).unsqueeze(1))  # the targets' scores, [B,1]
+        local = drop - start
+        inside = (local >= 0) & (local < end - start)
+        dropped = inside & ~(s.gather(1, local.clamp(0, end - start - 1)) < floor)
+        below = torch.lt(s, floor, out=scratch[1][: s.numel()].view(s.shape)).sum(dim=1, dtype=torch.int32)
+        not_below += (end - start) - below - dropped.sum(dim=1)
+    return 1 + not_below
 
 
 def ranks_from_topk(ids: torch.Tensor | np.ndarray, targets: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -354,6 +426,7 @@ def evaluate_retrieval(
     chunk_size: int = 65536,
     target_counts: np.ndarray | None = None,
     tail_threshold: int = TAIL_THRESHOLD,
+    user_chunk: int | None = None,
 ) -> dict[str, float | int]:
     """HR@k / NDCG@k and MRR from exact chunked full-corpus ranks (pessimistic ties, any torch
     device, no faiss needed); with an `index`, HR@k / NDCG@k come from its top-max(ks) search
@@ -361,6 +434,9 @@ def evaluate_retrieval(
     With `target_counts` (every item's training-target count), also the long-tail breakdown
     (`tail/...`, karma.metrics.long_tail_report) from the same exact ranks.
 
+    Users are scored `user_chunk` at a time (exact_ranks' default per device), the index
+    searched as many at a time, so memory beyond the inputs and one rank per user does not
+    grow with the number of users.
     A target is always rankable: it is removed from its own exclude row first.
     """
     items_t = item_emb if isinstance(item_emb, torch.Tensor) else torch.from_numpy(_np32(item_emb))
@@ -379,11 +455,15 @@ def evaluate_retrieval(
         ex = ex.masked_fill(ex == t.to(ex.device).unsqueeze(1), -1)
     if index is not None and index.ntotal != items_t.shape[0]:
         raise ValueError(f"index holds {index.ntotal} items but item_emb has {items_t.shape[0]}")
-    exact = exact_ranks(q_t.to(items_t.device), items_t, t, None if ex is None else ex, chunk_size)
+    user_chunk = _user_chunk(items_t.device) if user_chunk is None else user_chunk
+    exact = exact_ranks(q_t.to(items_t.device), items_t, t, None if ex is None else ex, chunk_size, user_chunk)
     out = ranking_report(exact.double().cpu(), ks)
     if index is not None:
-        _, ids = index.search(q_t, max(ks), None if ex is None else ex.cpu().numpy())
-        out.update({k: v for k, v in ranking_report(ranks_from_topk(ids, t), ks).items() if k != "MRR"})
+        ex_np = None if ex is None else ex.cpu().numpy()
+        found = [ranks_from_topk(index.search(q_t[u : u + user_chunk], max(ks),
+                                              None if ex_np is None else ex_np[u : u + user_chunk])[1],
+                                 t[u : u + user_chunk]) for u in range(0, t.shape[0], user_chunk)]
+        out.update({k: v for k, v in ranking_report(torch.cat(found), ks).items() if k != "MRR"})
     out["n_queries"] = int(t.shape[0])
     if target_counts is not None:
         out.update(long_tail_report(exact, np.asarray(target_counts)[t.cpu().numpy()], tail_threshold, tuple(ks)))

@@ -21,6 +21,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from karma.config import Config, ConfigError
 from karma.data import DataError
+from karma.provenance import provenance
 from karma.train.loop import NonFiniteLoss, steps_plan
 from karma.train.worker import DIVERGED_NOTE, train_loop_per_worker
 
@@ -267,6 +268,7 @@ def run_training(cfg: Config, log=print, parent_run_id: str | None = None,
         if result.checkpoint is not None:
             ckpt_dir = materialize(result.checkpoint, final_checkpoint_dir(root, cfg.tracking.run_name))
             if (ckpt_dir / "report").is_dir():
+                (ckpt_dir / "report" / "provenance.json").write_text(json.dumps(provenance(cfg), indent=2))
                 for f in sorted((ckpt_dir / "report").iterdir()):
                     tracker.log_artifact(f, "report")
             if cfg.model.arch == "sasrec":
