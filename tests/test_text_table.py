@@ -1,6 +1,6 @@
 """The item text table: computed once per catalogue (concurrent callers wait for the one
 computing), loaded instead of computed when a stored table is given, refused with a clear error
-when that table is missing or does not fit."""
+when that table is missing or does not fit; data.cache_dir resolved under the storage root."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import tiny_cfg
+from conftest import ROOT, tiny_cfg
+from karma.config import from_dict, load_config
 from karma.factory import build_model
 from karma.text import MINILM_DIM, ensure_text_table, item_texts, load_text_table, text_table_path
 
@@ -64,3 +65,16 @@ def test_a_table_of_another_catalogue_is_refused(items, tmp_path):
     np.save(other, np.zeros((len(items) + 1, MINILM_DIM), np.float32))
     with pytest.raises(ValueError, match=rf"has shape \({len(items) + 1}, {MINILM_DIM}\), expected \[{len(items)}, dim\]"):
         load_text_table(other, len(items))
+
+
+def test_cache_dir_is_resolved_under_the_storage_root(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    tiny = ROOT / "configs" / "tiny.yaml"
+    assert load_config(tiny).data.cache_dir == str(tmp_path / "runs" / "cache")  # the defaults
+    cfg = load_config(tiny, ["dist.storage_path=/shared/karma", "data.cache_dir=models"])
+    assert cfg.data.cache_dir == "/shared/karma/models"
+    assert load_config(tiny, ["data.cache_dir=/scratch/karma"]).data.cache_dir == "/scratch/karma"
+    assert load_config(tiny, ["data.cache_dir=~/karma"]).data.cache_dir == str(Path.home() / "karma")
+    default = load_config(tiny).to_dict()
+    monkeypatch.chdir(ROOT)  # a worker rebuilding the config in another folder gets the same one
+    assert from_dict(default).data.cache_dir == str(tmp_path / "runs" / "cache")
