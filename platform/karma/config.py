@@ -35,9 +35,15 @@ class DataConfig:
     synthetic_items: int = 800
     synthetic_query_prob: float = 0.0
     synthetic_seed: int = 0
-    # Frozen item text embeddings, computed once and cached
+    # Frozen item text embeddings, computed once per catalogue. The Ray job stores them under
+    # <dist.storage_path>/text/ (one task computes, every worker loads); the plain run and the
+    # benchmarks compute them into cache_dir.
     text_encoder: Literal["minilm", "none"] = "minilm"
-    cache_dir: str = ".cache/karma"
+    # Files computed once and reused: the plain run's text tables, SmolLM2 converted from GGUF. A
+    # relative path is taken under dist.storage_path and made absolute where the config is loaded
+    # (the driver), so no process depends on its working directory; on a cluster that is the
+    # shared storage, so a conversion happens once, not once per node and working directory.
+    cache_dir: str = "cache"
     text_max_tokens: int = 24  # target-item text length for the decoding branches
 
 
@@ -395,7 +401,20 @@ def from_dict(values: dict[str, Any] | None = None, overrides: list[str] = (),
         set_dotted(values, ".".join(path), value, f"override {text!r}")
     for key, value in (dotted or {}).items():
         set_dotted(values, key, value)
-    return _validate(_build(Config, values, ""))
+    return _validate(_resolve_cache_dir(_build(Config, values, "")))
+
+
+def _resolve_cache_dir(cfg: Config) -> Config:
+    """A relative data.cache_dir, made absolute under dist.storage_path (itself made absolute
+    against this process's working directory, as the job's storage root is). Absolute paths,
+    `~` expanded, stay: workers that load the config again get the same folder."""
+    cache = Path(cfg.data.cache_dir).expanduser()
+    if not cache.is_absolute():
+        storage = cfg.dist.storage_path
+        base = Path(storage).expanduser() if "://" not in storage else Path()
+        cache = base.resolve() / cache
+    cfg.data.cache_dir = str(cache)
+    return cfg
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:

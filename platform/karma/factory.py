@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import torch
@@ -9,7 +11,7 @@ import torch
 from karma.backbone import load_backbone
 from karma.config import Config
 from karma.model import KarmaModel, Prompts
-from karma.text import Tokenizer, item_texts, text_embeddings, tokenize_items
+from karma.text import Tokenizer, item_texts, load_text_table, text_embeddings, tokenize_items
 
 
 def image_matrix(items: pd.DataFrame) -> torch.Tensor | None:
@@ -18,16 +20,26 @@ def image_matrix(items: pd.DataFrame) -> torch.Tensor | None:
     return torch.tensor(np.stack(items["image"].to_numpy()).astype(np.float32))
 
 
-def build_model(cfg: Config, items: pd.DataFrame, log=print, seed: int | None = None) -> tuple[KarmaModel, Tokenizer]:
+def build_model(cfg: Config, items: pd.DataFrame, log=print, seed: int | None = None,
+                text_table: str | Path | None = None) -> tuple[KarmaModel, Tokenizer]:
     """A fresh KARMA model (pretrained backbone where configured) and its tokenizer; with
-    model.arch=sasrec the ID-only SASRec baseline and a tokenizer stand-in (it reads no text)."""
+    model.arch=sasrec the ID-only SASRec baseline and a tokenizer stand-in (it reads no text).
+
+    The frozen item text embeddings come from `text_table` when given (the table the Ray job's
+    text task stored; loaded, never recomputed, so a missing file is an error), else they are
+    computed once into `data.cache_dir` and reused (the plain run, tests, benchmarks)."""
     torch.manual_seed(cfg.train.seed if seed is None else seed)
     if cfg.model.arch == "sasrec":
         from karma.sasrec import IdOnlyTokenizer, SASRec
 
         return SASRec(cfg.model, n_items=len(items), max_len=cfg.data.max_history), IdOnlyTokenizer()
     texts = item_texts(items)
-    text_emb = text_embeddings(texts, cfg.data.text_encoder, cfg.data.cache_dir, log=log)
+    if text_table is not None:
+        text_emb = load_text_table(text_table, len(items))
+        if log:
+            log(f"item text embeddings loaded from {text_table}")
+    else:
+        text_emb = text_embeddings(texts, cfg.data.text_encoder, cfg.data.cache_dir, log=log)
     backbone, tok = load_backbone(cfg.model, texts, cfg.data.cache_dir, log=log)
     tokens, lengths = tokenize_items(texts, tok, cfg.data.text_max_tokens)
     model = KarmaModel(

@@ -14,6 +14,8 @@ from typing import Protocol, Sequence
 import numpy as np
 import pandas as pd
 
+from karma.cache import exclusive, write_atomic
+
 # Prompt pieces shared by every backbone; the word tokenizer always knows their words.
 GEN_PROMPT = "next item:"
 REC_PROMPT = "describe the item:"
@@ -137,38 +139,74 @@ def minilm_path() -> Path:
 
 
 def encode_minilm(texts: Sequence[str], batch_size: int = 128, log=print) -> np.ndarray:
-    """Mean-pooled, L2-normalised all-MiniLM-L6-v2 sentence embeddings [N, 384]."""
+    """Mean-pooled, L2-normalised all-MiniLM-L6-v2 sentence embeddings [N, 384], on the GPU
+    when this process has one."""
     import torch
     from transformers import AutoModel, AutoTokenizer
 
     path = minilm_path()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tok = AutoTokenizer.from_pretrained(str(path))
-    model = AutoModel.from_pretrained(str(path)).eval()
+    model = AutoModel.from_pretrained(str(path)).eval().to(device)
+    if log:
+        log(f"text embeddings of {len(texts)} items with all-MiniLM-L6-v2 on {device}")
     out, start = [], time.time()
     with torch.no_grad():
         for i in range(0, len(texts), batch_size):
             enc = tok(list(texts[i : i + batch_size]), padding=True, truncation=True, max_length=128, return_tensors="pt")
+            enc = {k: v.to(device) for k, v in enc.items()}
             hidden = model(**enc).last_hidden_state
             mask = enc["attention_mask"].unsqueeze(-1).float()
             emb = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-            out.append(torch.nn.functional.normalize(emb, dim=-1).numpy())
+            out.append(torch.nn.functional.normalize(emb, dim=-1).cpu().numpy())
             done = min(i + batch_size, len(texts))
             if log and (done == len(texts) or (i // batch_size) % 20 == 19):
                 log(f"text embeddings {done}/{len(texts)} ({time.time() - start:.0f}s)")
     return np.concatenate(out).astype(np.float32)
 
 
+def text_table_path(texts: Sequence[str], encoder: str, directory: str | Path) -> Path:
+    """Where the embedding table of `texts` under `encoder` lives in `directory`: keyed by both,
+    so a changed catalogue or encoder never reads another's table."""
+    key = hashlib.sha256(("\n".join([encoder, *texts])).encode()).hexdigest()[:16]
+    return Path(directory) / f"text-{encoder}-{key}.npy"
+
+
+def ensure_text_table(texts: Sequence[str], encoder: str, directory: str | Path, log=print) -> tuple[Path, bool]:
+    """(path of the table in `directory`, whether this call computed it). Computed only when no
+    process has: concurrent callers (Tune trials starting together) wait for the one computing."""
+    path = text_table_path(texts, encoder, directory)
+    if path.is_file():
+        return path, False
+    with exclusive(path):
+        if path.is_file():  # computed while this process waited
+            return path, False
+        emb = encode_minilm(texts, log=log)
+        write_atomic(path, lambda f: np.save(f, emb))
+    return path, True
+
+
+def load_text_table(path: str | Path, n_items: int) -> np.ndarray:
+    """A stored table [n_items, dim], checked; never computed here: a missing table means the
+    process that should have written it did not, or wrote it where this one cannot see."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"item text table {path} not found. The training job's text task writes it under "
+            "<dist.storage_path>/text/ before the workers start, and every worker reads it from there: "
+            "on a cluster dist.storage_path must be a folder all nodes share (a mount, the same path on each)")
+    emb = np.load(path)
+    if emb.ndim != 2 or len(emb) != n_items:
+        raise ValueError(f"item text table {path} has shape {emb.shape}, expected [{n_items}, dim] for "
+                         f"{n_items} items; delete it to have it computed again")
+    return emb
+
+
 def text_embeddings(texts: Sequence[str], encoder: str, cache_dir: str | Path, log=print) -> np.ndarray | None:
-    """Frozen text embeddings, computed once per (encoder, texts) and cached as .npy."""
+    """Frozen text embeddings, computed once per (encoder, texts) into `cache_dir` and loaded
+    afterwards: the plain run and the benchmarks. The Ray job computes its table in one task
+    under the storage root instead (`karma.train.ray_job.item_text_table`)."""
     if encoder == "none":
         return None
-    key = hashlib.sha256(("\n".join([encoder, *texts])).encode()).hexdigest()[:16]
-    path = Path(cache_dir) / f"text-{encoder}-{key}.npy"
-    if path.is_file():
-        return np.load(path)
-    emb = encode_minilm(texts, log=log)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{id(emb)}.tmp.npy")  # atomic: parallel workers may race here
-    np.save(tmp, emb)
-    tmp.replace(path)
-    return emb
+    path, _ = ensure_text_table(texts, encoder, cache_dir, log=log)
+    return load_text_table(path, len(texts))

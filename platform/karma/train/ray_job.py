@@ -58,6 +58,40 @@ def prepare_data(cfg_dict: dict, out_dir: str) -> dict:
     return write_prepared(prep, Path(out_dir), cfg.train.eval_max_users)
 
 
+# Under the storage root: item text embedding tables, one per catalogue and encoder, shared by
+# every run and Tune trial over that catalogue.
+TEXT_DIR = "text"
+
+
+@ray.remote(scheduling_strategy="DEFAULT")
+def item_text_table(encoder: str, items_path: str, out_dir: str) -> dict:
+    """The frozen item text embeddings of the prepared catalogue, stored once in `out_dir` as
+    text-{encoder}-{key}.npy (`karma.text.ensure_text_table`): computed here unless an earlier run
+    or a concurrent trial has, then loaded by every worker. A task of its own so that it runs
+    once per job, on a GPU when the job has them, and the driver never holds the items."""
+    import pandas as pd
+
+    from karma.text import ensure_text_table, item_texts
+
+    items = pd.read_parquet(items_path, columns=["title", "category", "brand"])
+    path, computed = ensure_text_table(item_texts(items), encoder, out_dir,
+                                       log=lambda m: print(f"[karma] {m}", flush=True))
+    return {"path": str(path), "computed": computed}
+
+
+def text_table(cfg: Config, run_root: Path, log=print) -> str | None:
+    """The path of the stored item text table for this run's data (None when the model reads no
+    text embeddings); the data task must have written run_root/data/items.parquet."""
+    if cfg.data.text_encoder == "none" or cfg.model.arch == "sasrec":
+        return None
+    # MiniLM is small: a worker's share of a GPU is plenty, and within this job's own slot.
+    gpus = min(1.0, cfg.dist.gpus_per_worker) if cfg.dist.use_gpu else 0
+    table = ray.get(item_text_table.options(num_gpus=gpus).remote(
+        cfg.data.text_encoder, str(run_root / "data" / "items.parquet"), str(run_root.parent.resolve() / TEXT_DIR)))
+    log(f"item text embeddings {'computed into' if table['computed'] else 'found at'} {table['path']}")
+    return table["path"]
+
+
 def check_resources(cfg: Config) -> None:
     """Fail fast when the cluster cannot host the requested workers."""
     have = ray.cluster_resources()
@@ -122,13 +156,14 @@ def fit(cfg: Config, run_root: Path, mlflow_run_id: str | None = None, tracking_
         if isinstance(err.cause, (DataError, ConfigError)):
             raise err.cause from None
         raise
+    text_path = text_table(cfg, run_root, log)
     per_epoch, total = steps_plan(cfg.train, summary["n_train"], cfg.dist.num_workers)
     log(f"training {total} steps ({per_epoch}/epoch) on {cfg.dist.num_workers} workers, "
         f"ZeRO-{cfg.dist.zero_stage} {cfg.dist.precision}")
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg_dict, "data_dir": str(data_dir), "mlflow_run_id": mlflow_run_id,
-                           "tracking_uri": tracking_uri},
+                           "tracking_uri": tracking_uri, "text_table": text_path},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.dist.num_workers, use_gpu=cfg.dist.use_gpu,
             resources_per_worker={"CPU": cfg.dist.cpus_per_worker,

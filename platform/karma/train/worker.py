@@ -109,7 +109,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         cfg.dist.compile = "none"  # auto would pick the decoder on a GPU: SASRec has none
     data_dir = Path(loop_config["data_dir"])
     data = _read_data(data_dir)
-    model, tok = build_model(cfg, data.items, log=log)
+    model, tok = build_model(cfg, data.items, log=log, text_table=loop_config["text_table"])
     _, total = steps_plan(cfg.train, len(data.train), world)
     engine, _, _ = make_engine(model, cfg, world, total)
     trainer = Trainer(DeepSpeedBackend(engine, rank, world), data, tok, cfg, log)

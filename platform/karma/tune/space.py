@@ -297,8 +297,7 @@ def sweep_config(config_path: str | Path | None, overrides: list[str], space: Sp
             raise
         raise ConfigError(f"{err} (the space's overrides: {space.overrides})") from err
     # Strings in, strings out: nothing here can break a checked rule, so no second validation.
-    cfg.dist.storage_path = _absolute(cfg.dist.storage_path)
-    cfg.data.cache_dir = _absolute(cfg.data.cache_dir)
+    cfg.dist.storage_path = _absolute(cfg.dist.storage_path)  # (data.cache_dir already is: load_config)
     cfg.data.path = _absolute(cfg.data.path)
     cfg.tracking.tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.dist.storage_path)
     check_space(space, cfg)
