@@ -280,7 +280,7 @@ def _note(f: InputFile, reason: np.ndarray, uid: pa.Array, row0: int, unknown: n
         f.problems[r] = f.problems.get(r, 0) + len(rows)
         shown = f.examples.setdefault(r, [])
         for i in rows[: _SHOW - len(shown)]:
-            shown.append(f"row {row0 + int(i)}" if r == "null user_id" else uid[int(i)].as_py())
+            shown.append(row0 + int(i) if r == "null user_id" else uid[int(i)].as_py())
     f.unknown_items = list(dict.fromkeys(f.unknown_items + unknown[: _SHOW * 4].tolist()))[:_SHOW]
 
 
@@ -292,10 +292,11 @@ def refusal(files: Sequence[InputFile], model: str, n_items: int, output: Path) 
     for f in bad[:_SHOW]:
         lines = [f"{f.path}: {f.rejected} of {f.rows} rows cannot be scored:"]
         for r, n in f.problems.items():
+            label = "row" if r == "null user_id" else "user_id"  # a null id has only its row number
             ex = ", ".join(str(u) for u in f.examples.get(r, []))
             items = (f"; item ids {', '.join(str(i) for i in f.unknown_items)} are not among the {n_items} items of "
                      f"{model}" if r == "unknown item ids" else "")
-            lines.append(f"  {n} with {r} (e.g. user_id {ex}{items}): {REASONS[r]}")
+            lines.append(f"  {n} with {r} (e.g. {label} {ex}{items}): {REASONS[r]}")
         parts.append("\n".join(lines))
     more = sum(f.rejected for f in bad[_SHOW:])
     tail = f"\nand {more} more rows in {len(bad) - _SHOW} more files" if len(bad) > _SHOW else ""
@@ -390,6 +391,8 @@ def plan(files: Sequence[InputFile], output: Path, settings: dict, log: Callable
     todo, conflicts = [], {}
     for f in files:
         path = output_path(output, f)
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by an interrupted run
+            stale.unlink(missing_ok=True)
         if not path.exists():
             todo.append(f)
             continue
@@ -686,7 +689,7 @@ def run_recall(s: RecallSettings, log: Callable[[str], None] = print) -> RecallR
                                        exclude_history=s.exclude_history, skip_invalid=s.skip_invalid,
                                        duplicates=duplicates, torch_threads=s.torch_threads))
         progress = _Progress(users, len(todo), s.progress_every_s, log)
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for batch in ds.iter_batches(batch_size=s.batch_size, batch_format="pyarrow"):
             before = len(sink.written)
             sink.add(batch)
             progress.update(batch.num_rows, len(sink.written), force=len(sink.written) > before)
