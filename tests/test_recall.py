@@ -283,11 +283,13 @@ def test_interrupted_run_resumes_without_redoing_complete_files(cluster, registr
     assert [p.name for p in out.glob("*.parquet")] == ["part-0.parquet"]
     _no_temporaries(out)
     before = _mtimes(out)
+    (out / ".part-1.parquet.99999.tmp").write_bytes(b"half a file")  # as a killed driver leaves it
     lines: list[str] = []
     result = run_recall(settings(registry, users, out), log=lines.append)
     assert result.skipped_files == 1 and result.written_files == ["part-1.parquet", "part-2.parquet"]
     assert result.users == 30
     assert _mtimes(out)["part-0.parquet"] == before["part-0.parquet"]
+    _no_temporaries(out)
     assert any("3 input files, 1 already complete, 2 to score" in line for line in lines)
 
 
