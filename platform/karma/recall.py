@@ -564,24 +564,29 @@ def _key(path: str | Path) -> str:
 
 
 class _Progress:
-    """A plain line every `every_s` seconds: users done / total, users/s, files written, ETA."""
+    """A plain line every `every_s` seconds: users done / total, users/s, files written, ETA.
+    The rate is counted from the first answered batch, so the actors' start-up does not hide it."""
 
     def __init__(self, total: int, files: int, every_s: float, log: Callable[[str], None]) -> None:
         self.total, self.files, self.every, self.log = total, files, every_s, log
-        self.start = self.last = time.monotonic()
+        self.last = time.monotonic()
+        self.first: tuple[float, int] | None = None  # (time, users) of the first batch
         self.done = 0
 
     def update(self, n: int, written: int, force: bool = False) -> None:
-        self.done += n
         now = time.monotonic()
+        self.done += n
+        if self.first is None:
+            self.first = (now, self.done)
         if not force and now - self.last < self.every:
             return
         self.last = now
-        rate = self.done / max(now - self.start, 1e-9)
-        eta = (self.total - self.done) / rate if rate > 0 else float("nan")
+        span = now - self.first[0]
+        rate = (self.done - self.first[1]) / span if span > 0 else 0.0
+        eta = f"{(self.total - self.done) / rate:.0f}s" if rate > 0 else "-"
         pct = 100.0 * self.done / max(self.total, 1)
         self.log(f"recall: {self.done:,} / {self.total:,} users ({pct:.1f}%), {rate:,.0f} users/s, "
-                 f"{written} of {self.files} files written, eta {eta:.0f}s")
+                 f"{written} of {self.files} files written, eta {eta}")
 
 
 def _block_bytes(files: Sequence[InputFile], batch_size: int, batches: int = 8) -> int:
