@@ -4,7 +4,10 @@ compare against, and Parquet inputs the tests write. Checks that need no Ray com
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import shlex
 import shutil
 import socket
 import sys
@@ -19,14 +22,14 @@ import pytest
 
 from conftest import ROOT, tiny_cfg
 from karma.cli import recall as recall_cli
-from karma.config import ConfigError
+from karma.config import ConfigError, load_config
 from karma.data import DataError
 from karma.export import export_model
 from karma.factory import build_model
 from karma.recall import METADATA_KEY, REJECTED_DIR, RecallSettings, input_files, row_problems, run_recall
-from karma.registry import register_export
+from karma.registry import register_export, set_alias
 from karma.serving import ModelSpec
-from karma.tracking import RunTracker
+from karma.tracking import RunTracker, resolve_tracking_uri
 
 NAME = "karma-recall-test"
 K = 8
@@ -63,10 +66,11 @@ def export(items, cache_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def registry(export, store) -> str:
-    """Version 1 holds `champion`; version 2 (the same files) holds no alias."""
+    """Version 1 holds `champion` and `candidate`; version 2 (the same files) holds no alias."""
     uri = f"sqlite:///{store / 'recall.db'}"
     with RunTracker("recall-test", "v1", uri) as t:
         assert register_export(t, export, NAME, "champion") == "1"
+    set_alias(NAME, "candidate", "1", uri)
     with RunTracker("recall-test", "v2", uri) as t:
         assert register_export(t, export, NAME, None) == "2"
     return uri
@@ -351,3 +355,40 @@ def test_skip_invalid_scores_the_rest_and_writes_the_refused_rows_with_their_rea
     assert any("a.parquet: 4 of 6 rows refused" in line for line in lines)
     again = run_recall(settings(registry, tmp_path / "in", out, skip_invalid=True), log=lambda _: None)
     assert again.written_files == [] and again.skipped_files == 2  # complete, rejected rows counted in
+
+
+def _readme_recall_argv() -> list[str]:
+    """The arguments of the batch recall command in README's "Serving" section."""
+    section = (ROOT / "README.md").read_text().split("## Serving (Ray Serve)", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```bash\n([^`]*jobs/recall.py[^`]*)```", section).group(1).replace("\\\n", " ")
+    argv = shlex.split(next(ln for ln in block.splitlines() if "jobs/recall.py" in ln).split("#")[0])
+    return argv[argv.index("jobs/recall.py") + 1:]
+
+
+def test_readme_batch_recall_command_scores_what_the_main_job_registers(cluster, registry, users, tmp_path,
+                                                                        monkeypatch, capsys) -> None:
+    """README's command names the model, alias and registry the default training job writes;
+    run with its flags (input, output and registry swapped for the test's), it exits 0."""
+    from karma.train.ray_job import storage_root
+
+    argv = _readme_recall_argv()
+    opts = dict(zip(argv[::2], argv[1::2]))
+    default = load_config(None)  # what `python jobs/train.py` without arguments trains
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(ROOT)
+    assert opts["--model"] == (default.tracking.registered_model or default.tracking.experiment)
+    assert opts["--alias"] == default.tracking.alias and default.tracking.register
+    job_uri = resolve_tracking_uri(default.tracking.tracking_uri, storage_root(default))
+    assert opts["--tracking-uri"].replace("$PWD", str(ROOT)) == job_uri
+
+    swap = {"--input": str(users), "--output": str(tmp_path / "out"), "--model": NAME, "--tracking-uri": registry}
+    run = [x for k, v in opts.items() for x in (k, swap.get(k, v))] + ["--actors", "1", "--cpus-per-actor", "0.5"]
+    capsys.readouterr()
+    assert recall_cli(run) == 0
+    out = capsys.readouterr().out  # progress lines, then the summary as indented JSON
+    summary = json.loads(out[out.rindex("\n{") + 1:])
+    assert summary["users"] == 45 and summary["version"] == "1"
+    assert int(opts["--k"]) >= 30  # README's k is past the test catalogue: every item not in the history comes back
+    got = pq.read_table(tmp_path / "out" / "part-0.parquet").column("item_ids").to_pylist()
+    inp = pq.read_table(users / "part-0.parquet").column("history").to_pylist()
+    assert [len(x) for x in got] == [30 - len(set(h)) for h in inp]
