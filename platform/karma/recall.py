@@ -331,7 +331,6 @@ class _AtomicParquet:
         self.tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         self.schema = schema
         self.writer: pq.ParquetWriter | None = None
-        self.rows = 0
 
     def __enter__(self) -> _AtomicParquet:
         self.target.parent.mkdir(parents=True, exist_ok=True)
@@ -342,7 +341,6 @@ class _AtomicParquet:
             self.schema = self.schema or table.schema
             self.writer = pq.ParquetWriter(self.tmp, self.schema)
         self.writer.write_table(table.cast(self.schema) if table.schema != self.schema else table)
-        self.rows += table.num_rows
 
     def ensure_schema(self, schema: pa.Schema) -> None:
         """Start the file with `schema` if nothing was written (an empty file still has one)."""
