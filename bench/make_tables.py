@@ -46,6 +46,8 @@ def kind_of(rel: str, r: dict) -> str:
         return "eval_memory"
     if "http" in r and "in_process" in r:
         return "serve_load"
+    if name.startswith("batch_recall") and "runs" in r:
+        return "batch_recall"
     if "per_seed" in r and "mean_std" in r:
         return "sasrec"
     if "median_epoch_s" in r and "runs" in r:
@@ -186,6 +188,25 @@ def serve_section(files: list[tuple[str, dict]]) -> list[str]:
     return out + [""]
 
 
+def batch_recall_section(files: list[tuple[str, dict]]) -> list[str]:
+    rows = []
+    for rel, r in files:
+        s = r.get("settings", {})
+        for run in r["runs"]:
+            peak = run.get("peak_rss_mib", {})
+            rows.append([code(rel), device_of(r), fmt(run.get("users")), fmt(run.get("files")), fmt(s.get("n_items")),
+                         fmt(s.get("k")), fmt(run.get("seconds"), ",.0f"), fmt(run.get("users_per_s")),
+                         fmt(run.get("users_per_s_steady")), fmt(peak.get("driver")), fmt(peak.get("actor")),
+                         fmt(peak.get("ray")), fmt(run.get("loadavg_1m_before"), ".1f")])
+    header = ["file", "device", "users", "files", "items", "k", "seconds", "users/s", "steady users/s",
+              "driver peak MiB", "actor peak MiB", "all Ray processes MiB", "load (1 min)"]
+    note = ("`bench/batch_recall.py`: `karma.recall.run_recall` on synthetic users, a randomly initialised tiny "
+            "registered model, one actor per core; users/s over the whole job (Ray and actor start-up included) and "
+            "steady (after the first 10% of users); peak RSS sampled every 0.25 s (actor: the largest one; all Ray "
+            "processes: the sum over every process the driver started). Each row's command is in its file.")
+    return ["## Batch recall (`karma-recall`)", "", note, ""] + table(header, rows) + [""]
+
+
 def sasrec_section(files: list[tuple[str, dict]]) -> list[str]:
     rows = []
     for rel, r in files:
@@ -252,6 +273,7 @@ def other_section(files: list[tuple[str, dict]]) -> list[str]:
 
 SECTIONS = (("train_throughput", train_section), ("retrieval", retrieval_section),
             ("eval_memory", eval_memory_section), ("serve_load", serve_section),
+            ("batch_recall", batch_recall_section),
             ("sasrec", sasrec_section), ("epoch_cost", epoch_cost_section), ("training_run", run_section),
             ("ablation_sweep", ablation_section), ("other", other_section))
 

@@ -1,9 +1,10 @@
 """The command-line jobs: `karma-train` (the Ray job), `karma-train-plain` (the plain run),
-`karma-tune` (a Ray Tune sweep) and `karma-report` (a sweep's report), installed as console
-scripts by pyproject.toml. `jobs/*.py` run the same functions from a source checkout (e.g. under
-`ray job submit --working-dir .`, where the package may not be installed on the nodes).
+`karma-tune` (a Ray Tune sweep), `karma-report` (a sweep's report) and `karma-recall` (offline
+batch recall), installed as console scripts by pyproject.toml. `jobs/*.py` run the same functions
+from a source checkout (e.g. under `ray job submit --working-dir .`, where the package may not be
+installed on the nodes).
 Exit codes: 0 done, 2 a config or data error named with its fix, 3 the training loss became
-NaN or inf, 130 an interrupted sweep."""
+NaN or inf, 130 an interrupted sweep or batch recall."""
 
 from __future__ import annotations
 
@@ -204,4 +205,75 @@ def report(argv: list[str] | None = None) -> int:
         return 2
     print(report.markdown)
     print(f"plot: {report.png}  (logged on MLflow run {report.parent_run_id})")
+    return 0
+
+
+RECALL_HELP = """Offline batch recall: the top-K items of every user in a Parquet of histories, scored by a
+registered model on a Ray Data actor pool, as Serve's /v1/recall answers them.
+
+    karma-recall --input users/ --output recall/ --model karma --alias champion --k 100
+    python jobs/recall.py --input users.parquet --output recall/ --model karma --version 3
+    ray job submit --working-dir . -- python jobs/recall.py --input /data/users --output /data/recall ...
+
+Input: a Parquet file or a folder of them with user_id (int64), history (list<int64> of item ids,
+oldest first) and optionally query (string). Output: one file per input file, of the same name,
+with user_id, item_ids (list<int64>, best first) and scores (list<float32>); the history's items
+are left out unless --include-history. Rows that cannot be scored (null user_id or history,
+empty history, unknown item ids, a user_id on several rows) stop the job before anything is
+scored, naming the file, the count and examples; --skip-invalid scores the other rows and writes
+those to OUTPUT/rejected/ with their reason. A rerun skips inputs whose output is complete.
+Honours RAY_ADDRESS and MLFLOW_TRACKING_URI.
+Exit codes: 0 done, 2 a data or settings error named with its fix, 130 interrupted (complete
+output files are kept: rerun the same command to finish).
+"""
+
+
+def recall(argv: list[str] | None = None) -> int:
+    """`karma-recall`: see RECALL_HELP."""
+    parser = argparse.ArgumentParser(description=RECALL_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", required=True, help="a Parquet file of user histories, or a folder of them")
+    parser.add_argument("--output", required=True, help="folder for the results (one file per input file)")
+    parser.add_argument("--model", required=True, help="registered model name")
+    ref = parser.add_mutually_exclusive_group()
+    ref.add_argument("--alias", help="registry alias (default: champion)")
+    ref.add_argument("--version", help="registry version number")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else runs/mlflow.db)")
+    parser.add_argument("--k", type=int, default=100, help="items per user (default 100)")
+    parser.add_argument("--include-history", action="store_true", help="do not leave the history's items out")
+    parser.add_argument("--skip-invalid", action="store_true",
+                        help="score the valid rows and write the others to OUTPUT/rejected/ with their reason")
+    parser.add_argument("--batch-size", type=int, default=256, help="users per model call (default 256)")
+    parser.add_argument("--actors", type=int, help="actor pool size (default: one per GPU, else one per CPU slot "
+                                                   "left after one for the readers)")
+    parser.add_argument("--cpus-per-actor", type=float, help="default: --torch-threads (1 with GPUs)")
+    parser.add_argument("--gpus-per-actor", type=float, help="default: 1 when the cluster has GPUs, else 0")
+    parser.add_argument("--torch-threads", type=int, default=1, help="torch and faiss threads per actor (default 1)")
+    parser.add_argument("--index", choices=("flat", "ivf"), default="flat", help="faiss index kind (default flat)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                        help="model dtype (default: the export's)")
+    args = parser.parse_args(argv)
+    try:
+        from karma.recall import RecallSettings, run_recall
+        from karma.serving import ModelNotFoundError, ModelSpec
+
+        try:
+            spec = ModelSpec(registered_name=args.model, alias=args.alias, version=args.version,
+                             tracking_uri=args.tracking_uri, dtype=args.dtype, index=args.index)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        settings = RecallSettings(args.input, args.output, spec, k=args.k, exclude_history=not args.include_history,
+                                  skip_invalid=args.skip_invalid, batch_size=args.batch_size, actors=args.actors,
+                                  cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor,
+                                  torch_threads=args.torch_threads)
+        result = run_recall(settings)
+    except (ConfigError, ModelNotFoundError) as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    except DataError as err:
+        print(f"data error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("recall interrupted: complete output files are kept; rerun the same command to finish", file=sys.stderr)
+        return 130
+    print(json.dumps(result.summary(), indent=2))
     return 0
