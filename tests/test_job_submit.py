@@ -102,6 +102,9 @@ def test_ray_job_submit_train_succeeds(cluster):
     assert f"item text embeddings computed into {table}" in logs
     assert f"[karma] item text embeddings loaded from {table}" in logs, logs[-4000:]
     assert not (storage / "cache").exists()
+    # rank 0's progress lines reach the job's output once each (Ray Train's print patch doubled them)
+    [epoch_line] = [line for line in logs.splitlines() if "[karma] epoch 1: valid" in line]
+    assert logs.count("[karma] test (weights of epoch") == 1
     # ZeRO-3, bf16: the export reloaded here computes what the trained model computed
     probe = pd.read_parquet(export / "probe_examples.parquet")
     got = load_export(export).interests([list(h) for h in probe["history"]])

@@ -69,6 +69,14 @@ def test_job_trains_tracks_and_registers(trained):
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["dist.zero_stage"] == "2" and run.data.params["dist.precision"] == "bf16"
+    # what each stage cost: the data task's seconds and memory, and every worker's peak RSS
+    data = result.data
+    assert data["n_events"] > data["n_users"] > 0 and data["seconds"] >= sum(data["stages"].values()) * 0.9
+    assert data["peak_rss_mb"] > 0 and run.data.metrics["cost/data_peak_rss_mb"] == data["peak_rss_mb"]
+    for rank in range(cfg.dist.num_workers):
+        rss = [result.metrics[f"cost/rank{rank}/rss_mb/{stage}"] for stage in ("setup", "train", "test")]
+        assert 0 < rss[0] <= rss[1] <= rss[2], rss  # peaks only grow
+    assert result.metrics["cost/test_seconds"] > 0 and run.data.metrics["cost/test_seconds"] > 0
     assert [m.value for m in client.get_metric_history(result.run_id, "train/resumed_from_step")] == [per_epoch]
     curve = client.get_metric_history(result.run_id, "valid/" + mlflow_key("HR@10"))
     assert sorted(m.step for m in curve) == [per_epoch * (e + 1) for e in range(epochs)]

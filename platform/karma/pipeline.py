@@ -4,7 +4,7 @@ prepared folder the Ray workers memory-map (docs/DATA_FORMAT.md, "The prepared f
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +19,7 @@ class Prepared:
     data: InteractionData
     split: Split
     counts: np.ndarray  # training-target frequency per item row (popularity sampling, baseline)
+    seconds: dict = field(default_factory=dict)  # per step: load (read or generate, validate), split
 
 
 def load_data(cfg: DataConfig) -> InteractionData:
@@ -37,21 +38,26 @@ def split_data(data: InteractionData, cfg: DataConfig) -> Split:
 def prepare(cfg: DataConfig, log=print) -> Prepared:
     start = time.time()
     data = load_data(cfg)
+    loaded = time.time()
     split = split_data(data, cfg)
     counts = item_counts(split.train, data.n_items)
+    seconds = {"load": round(loaded - start, 2), "split": round(time.time() - loaded, 2)}
     log(f"data {cfg.source}: {data.n_users} users, {data.n_items} items, {len(data.events)} events; "
         f"examples train {len(split.train)} / valid {len(split.valid)} / test {len(split.test)} "
-        f"({time.time() - start:.1f}s)")
-    return Prepared(data, split, counts)
+        f"(load {seconds['load']:.1f}s, split {seconds['split']:.1f}s)")
+    return Prepared(data, split, counts, seconds)
 
 
 def write_prepared(prep: Prepared, out: Path, eval_max_users: int) -> dict:
     """The folder a training job's workers read (`karma.train.worker`): the compact examples
     with the validation subset (`karma.data.validation_subset`) as `valid`, items.parquet and
     counts.npy. Returns the summary the driver plans with (n_train, n_valid, n_items)."""
+    start = time.time()
     out.mkdir(parents=True, exist_ok=True)
     valid = validation_subset(prep.split.valid, eval_max_users)
     write_examples(out, {"train": prep.split.train, "valid": valid, "test": prep.split.test})
     prep.data.items.to_parquet(out / "items.parquet")
     np.save(out / "counts.npy", prep.counts)
-    return {"n_train": len(prep.split.train), "n_valid": len(valid), "n_items": prep.data.n_items}
+    return {"n_train": len(prep.split.train), "n_valid": len(valid), "n_test": len(prep.split.test),
+            "n_items": prep.data.n_items, "n_users": prep.data.n_users, "n_events": len(prep.data.events),
+            "stages": {**prep.seconds, "write": round(time.time() - start, 2)}}

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import shutil
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,11 +41,14 @@ class TrainResult:
     run_id: str | None  # MLflow run
     model_version: str | None  # registered model version
     steps: int
+    # the data task's summary: sizes, seconds per step, peak RSS, and the text task's (`text`)
+    data: dict | None = None
 
 
 # DEFAULT scheduling: inside a Tune trial, tasks otherwise land in the trial's placement group,
-# which holds no CPU for them.
-@ray.remote(scheduling_strategy="DEFAULT")
+# which holds no CPU for them. max_calls=1: the process exits afterwards, so the memory that
+# loading and splitting took goes back to the node instead of staying in a pooled worker.
+@ray.remote(scheduling_strategy="DEFAULT", max_calls=1)
 def prepare_data(cfg_dict: dict, out_dir: str) -> dict:
     """Load, validate and split the data; write the compact examples (`karma.data.write_examples`:
     each sequence once, each split an index; valid as the validation subset), the item table and
@@ -53,9 +57,13 @@ def prepare_data(cfg_dict: dict, out_dir: str) -> dict:
     from karma.config import from_dict
     from karma.pipeline import prepare, write_prepared
 
+    from karma.costs import peak_rss_mb
+
+    start = time.time()
     cfg = from_dict(cfg_dict)
     prep = prepare(cfg.data, log=lambda m: print(f"[karma] {m}", flush=True))
-    return write_prepared(prep, Path(out_dir), cfg.train.eval_max_users)
+    summary = write_prepared(prep, Path(out_dir), cfg.train.eval_max_users)
+    return {**summary, "seconds": round(time.time() - start, 2), "peak_rss_mb": peak_rss_mb()}
 
 
 # Under the storage root: item text embedding tables, one per catalogue and encoder, shared by
@@ -63,7 +71,7 @@ def prepare_data(cfg_dict: dict, out_dir: str) -> dict:
 TEXT_DIR = "text"
 
 
-@ray.remote(scheduling_strategy="DEFAULT")
+@ray.remote(scheduling_strategy="DEFAULT", max_calls=1)
 def item_text_table(encoder: str, items_path: str, out_dir: str) -> dict:
     """The frozen item text embeddings of the prepared catalogue, stored once in `out_dir` as
     text-{encoder}-{key}.npy (`karma.text.ensure_text_table`): computed here unless an earlier run
@@ -73,15 +81,20 @@ def item_text_table(encoder: str, items_path: str, out_dir: str) -> dict:
 
     from karma.text import ensure_text_table, item_texts
 
+    from karma.costs import peak_rss_mb
+
+    start = time.time()
     items = pd.read_parquet(items_path, columns=["title", "category", "brand"])
     path, computed = ensure_text_table(item_texts(items), encoder, out_dir,
                                        log=lambda m: print(f"[karma] {m}", flush=True))
-    return {"path": str(path), "computed": computed}
+    return {"path": str(path), "computed": computed, "seconds": round(time.time() - start, 2),
+            "peak_rss_mb": peak_rss_mb()}
 
 
-def text_table(cfg: Config, run_root: Path, log=print) -> str | None:
-    """The path of the stored item text table for this run's data (None when the model reads no
-    text embeddings); the data task must have written run_root/data/items.parquet."""
+def text_table(cfg: Config, run_root: Path, log=print) -> dict | None:
+    """The stored item text table for this run's data (path, computed, seconds, peak_rss_mb;
+    None when the model reads no text embeddings); the data task must have written
+    run_root/data/items.parquet."""
     if cfg.data.text_encoder == "none" or cfg.model.arch == "sasrec":
         return None
     # MiniLM is small: a worker's share of a GPU is plenty, and within this job's own slot.
@@ -89,7 +102,7 @@ def text_table(cfg: Config, run_root: Path, log=print) -> str | None:
     table = ray.get(item_text_table.options(num_gpus=gpus).remote(
         cfg.data.text_encoder, str(run_root / "data" / "items.parquet"), str(run_root.parent.resolve() / TEXT_DIR)))
     log(f"item text embeddings {'computed into' if table['computed'] else 'found at'} {table['path']}")
-    return table["path"]
+    return table
 
 
 def check_resources(cfg: Config) -> None:
@@ -156,14 +169,17 @@ def fit(cfg: Config, run_root: Path, mlflow_run_id: str | None = None, tracking_
         if isinstance(err.cause, (DataError, ConfigError)):
             raise err.cause from None
         raise
-    text_path = text_table(cfg, run_root, log)
+    log(f"data prepared in {summary['seconds']:.1f}s ({summary['n_events']:,} events; peak RSS of the data task "
+        f"{summary['peak_rss_mb']:,.0f} MB)")
+    text = text_table(cfg, run_root, log)
+    summary["text"] = text
     per_epoch, total = steps_plan(cfg.train, summary["n_train"], cfg.dist.num_workers)
     log(f"training {total} steps ({per_epoch}/epoch) on {cfg.dist.num_workers} workers, "
         f"ZeRO-{cfg.dist.zero_stage} {cfg.dist.precision}")
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg_dict, "data_dir": str(data_dir), "mlflow_run_id": mlflow_run_id,
-                           "tracking_uri": tracking_uri, "text_table": text_path},
+                           "tracking_uri": tracking_uri, "text_table": text and text["path"]},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.dist.num_workers, use_gpu=cfg.dist.use_gpu,
             resources_per_worker={"CPU": cfg.dist.cpus_per_worker,
@@ -291,6 +307,7 @@ def run_training(cfg: Config, log=print, parent_run_id: str | None = None,
         run_root.mkdir(parents=True, exist_ok=True)
         (run_root / JOB_CONFIG).write_text(json.dumps(cfg_dict, indent=2))
         result, summary = fit(cfg, run_root, tracker.run_id, uri, log, callbacks)
+        tracker.log_metrics(_data_costs(summary), step=0)
         if result.error:
             raise result.error
         diverged = run_root / DIVERGED_NOTE
@@ -316,4 +333,15 @@ def run_training(cfg: Config, log=print, parent_run_id: str | None = None,
                     tags = metric_tags({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
                     version = register_export(tracker, export_dir, name, cfg.tracking.alias, tags=tags)
                     log(f"registered {name} version {version} (alias {cfg.tracking.alias})")
-        return TrainResult(metrics, ckpt_dir, export_dir, tracker.run_id, version, int(metrics.get("step", 0)))
+        return TrainResult(metrics, ckpt_dir, export_dir, tracker.run_id, version, int(metrics.get("step", 0)),
+                           summary)
+
+
+def _data_costs(summary: dict) -> dict[str, float]:
+    """The data and text tasks' costs as MLflow metrics (cost/...), beside the workers' own."""
+    out = {"cost/data_seconds": summary["seconds"], "cost/data_peak_rss_mb": summary["peak_rss_mb"],
+           **{f"cost/data_{k}_seconds": v for k, v in summary["stages"].items()}}
+    if summary.get("text"):
+        out.update({"cost/text_seconds": summary["text"]["seconds"],
+                    "cost/text_peak_rss_mb": summary["text"]["peak_rss_mb"]})
+    return out

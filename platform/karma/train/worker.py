@@ -10,7 +10,9 @@ import dataclasses
 import json
 import os
 import signal
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from karma.config import from_dict
+from karma.costs import peak_rss_mb
 from karma.data import read_examples
 from karma.export import export_model
 from karma.factory import build_model
@@ -39,7 +42,17 @@ DIVERGED_NOTE = "diverged.txt"
 
 
 def _log(rank: int):
-    return (lambda msg: print(f"[karma] {msg}", flush=True)) if rank == 0 else (lambda msg: None)
+    """Rank 0's progress lines. Written to stdout directly: Ray Train patches print() in its
+    workers to send each line through its logger as well as to stdout, and the driver then
+    showed every line twice."""
+    if rank != 0:
+        return lambda msg: None
+
+    def log(msg: str) -> None:
+        sys.stdout.write(f"[karma] {msg}\n")
+        sys.stdout.flush()
+
+    return log
 
 
 def _maybe_inject_fault(step: int, module: torch.nn.Module) -> None:
@@ -99,6 +112,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     """Ray glue around `Trainer`: the engine, resume, a checkpoint and a report after every
     epoch (and every `train.checkpoint_every_steps` steps), MLflow from rank 0; after the last
     epoch the test protocol, the export and the eval report go into the final checkpoint."""
+    start = time.time()
     cfg = from_dict(loop_config["config"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -117,6 +131,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     tracker = _tracker(loop_config) if rank == 0 else None
     if tracker is not None and trainer.state.step:
         tracker.log_metrics({"train/resumed_from_step": trainer.state.step}, step=trainer.state.step)
+    # this attempt's costs (a resumed run counts from its restart); ranks gather them at the end
+    costs = {"setup_seconds": round(time.time() - start, 2), "train_seconds": 0.0, "valid_seconds": 0.0,
+             "valid_queries": 0, "train_examples": 0, "rss_mb/setup": peak_rss_mb()}
+    first_step = trainer.state.step
 
     def checkpoint(tmp: str) -> None:
         _save_checkpoint(engine, trainer.sampler, dataclasses.asdict(trainer.state), rank, tmp, trainer.best_weights)
@@ -137,12 +155,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
     trainer.on_step = on_step
     try:
         for metrics in trainer.epochs():
+            costs["train_seconds"] += metrics["train_seconds"]
+            costs["valid_seconds"] += metrics["eval_seconds"]
+            costs["valid_queries"] += len(data.valid)
+            costs["train_examples"] = (trainer.state.step - first_step) * cfg.train.batch_size * cfg.train.grad_accum * world
+            costs["rss_mb/train"] = peak_rss_mb()
             if tracker is not None:
                 tracker.log_metrics({f"valid/{k}": v for k, v in metrics.items()}, step=trainer.state.step)
             with tempfile.TemporaryDirectory() as tmp:
                 checkpoint(tmp)  # the last epoch's training state, so a longer rerun continues from it
                 if trainer.done:
-                    metrics = _finish(trainer, metrics, data, Path(tmp), tracker)
+                    metrics = _finish(trainer, metrics, data, Path(tmp), tracker, costs)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
     except NonFiniteLoss as err:
         # Not a fault a restart can fix (it would diverge again), so no raise into Ray's retry:
@@ -156,20 +179,38 @@ def train_loop_per_worker(loop_config: dict) -> None:
             tracker.close()  # send what is queued (bounded wait); report what could not be delivered
 
 
-def _finish(trainer: Trainer, metrics: dict, data: TrainData, ckpt_dir: Path, tracker) -> dict:
+def _finish(trainer: Trainer, metrics: dict, data: TrainData, ckpt_dir: Path, tracker, costs: dict) -> dict:
     """After the last epoch: the test protocol (`Trainer.finish`: best epoch's weights, test
     split, analyses), then the export and the eval report into the checkpoint. Returns the last
-    report: the best epoch's validation metrics, best_epoch, and the test split's metrics and
-    analyses as test/..."""
+    report: the best epoch's validation metrics, best_epoch, the test split's metrics and
+    analyses as test/..., and what the stages cost as cost/... (every rank's peak RSS)."""
     s = trainer.state
+    start = time.time()
     out = trainer.finish()
+    costs.update({"test_seconds": round(time.time() - start, 2), "rss_mb/test": peak_rss_mb()})
     test = {f"test/{k}": v for k, v in {**out["test"], **out.get("analyses", {})}.items()}
-    report = {**(out["best"] or metrics), "epoch": s.epoch, "step": s.step, "best_epoch": out["best_epoch"], **test}
+    spent = _gather_costs(costs, trainer.backend.rank, trainer.backend.world)
+    report = {**(out["best"] or metrics), "epoch": s.epoch, "step": s.step, "best_epoch": out["best_epoch"], **test,
+              **spent}
     if tracker is not None:
-        tracker.log_metrics({**test, "best_epoch": out["best_epoch"]}, step=s.step)
+        tracker.log_metrics({**test, **spent, "best_epoch": out["best_epoch"]}, step=s.step)
     # on every rank: gathering ZeRO-3 weights and running the model are collectives
     _final_outputs(trainer, report, ckpt_dir, write=trainer.backend.rank == 0)
     return report
+
+
+def _gather_costs(costs: dict, rank: int, world: int) -> dict:
+    """cost/... for the last report: rank 0's seconds (ranks move in step) and every rank's
+    peak RSS after set-up, training and the test (cost/rank{r}/rss_mb/...), so a user sees the
+    worker that holds the most, not only rank 0."""
+    every = [costs]
+    if world > 1:
+        every = [None] * world
+        torch.distributed.all_gather_object(every, costs)
+    out = {f"cost/{k}": v for k, v in costs.items() if not k.startswith("rss_mb/")}
+    for r, theirs in enumerate(every):
+        out.update({f"cost/rank{r}/{k}": v for k, v in theirs.items() if k.startswith("rss_mb/")})
+    return out
 
 
 def _final_outputs(trainer: Trainer, metrics: dict, ckpt_dir: Path, write: bool) -> None:
