@@ -160,7 +160,8 @@ def test_bad_values_are_named_by_row():
     with pytest.raises(DataError, match=r"'user_id' has 1 negative value\(s\) \(e.g. -1\), first at row 5"):
         validate_events(ev, make_items())
     ev = make_events().assign(item_id=[50, 30, 10, 20, 10, 40, 20, 30, 41])
-    with pytest.raises(DataError, match=r"1 event\(s\) reference item ids missing from items \(e.g. 41\), first at row 8"):
+    with pytest.raises(DataError, match=r"1 event\(s\) reference item ids missing from items \(e.g. 41\), "
+                                        r"first at row 8"):
         validate_events(ev, make_items())
     ev = make_events()
     ev.at[7, "shown"] = [10, 77]

@@ -324,7 +324,8 @@ def test_movielens_csv_bad_ratings_line_is_named(tmp_path, line, bad, message):
 
 def test_movielens_csv_bad_movies(tmp_path):
     write(tmp_path / "ratings.csv", RATINGS_CSV)
-    write(tmp_path / "movies.csv", MOVIES_CSV.replace('"American President, The (1995)"', "American President, The (1995)"))
+    unquoted = MOVIES_CSV.replace('"American President, The (1995)"', "American President, The (1995)")
+    write(tmp_path / "movies.csv", unquoted)
     with pytest.raises(DataError, match=r"movies.csv:3: expected 'movieId,title,genres' with a title holding commas "
                                         r"in double quotes, got '11,American President.* \(4 fields instead of 3\)"):
         read_movielens(tmp_path)
@@ -332,7 +333,8 @@ def test_movielens_csv_bad_movies(tmp_path):
     with pytest.raises(DataError, match=r"movies.csv:6: .*\(movie id 11 is listed again\); keep one line per movie"):
         read_movielens(tmp_path)
     write(tmp_path / "movies.csv", "movieId,name,genres\n1,Toy Story (1995),Comedy\n")
-    with pytest.raises(DataError, match=r"movies.csv:1: the header 'movieId,name,genres' lacks column\(s\) \['title'\]"):
+    with pytest.raises(DataError, match=r"movies.csv:1: the header 'movieId,name,genres' lacks "
+                                        r"column\(s\) \['title'\]"):
         read_movielens(tmp_path)
     (tmp_path / "movies.csv").unlink()
     with pytest.raises(DataError, match=r"movies.csv: file not found; the MovieLens CSV layout needs ratings.csv and"):
@@ -362,7 +364,8 @@ def test_read_movielens_dat_layout(tmp_path, encoding):
     d = read_movielens(tmp_path)
     it = d.items
     assert it.item_id.tolist() == [1, 2, 3]
-    assert it.title.tolist() == ["Toy Story (1995)", "Caf\u00e9 au lait (1993)", "Star Wars: Episode IV - A New Hope (1977)"]
+    assert it.title.tolist() == ["Toy Story (1995)", "Caf\u00e9 au lait (1993)",
+                                 "Star Wars: Episode IV - A New Hope (1977)"]
     assert it.category.tolist() == ["Animation, Children's, Comedy", "Comedy, Romance", "Action, Sci-Fi"]
     ev = d.events
     assert ev.user_id.tolist() == [1, 1, 1, 2, 2] and ev.item_id.tolist() == [1, 3, 2, 3, 1]
@@ -418,8 +421,9 @@ def test_bad_row_deep_in_a_large_inter_file_is_named_by_line(tmp_path):
     rows = [f"{u % 2}\t0 1\t2\n" for u in range(n)]
     rows[200_000 - 2] = "1\t0 1 3x\t2\n"  # line 200,000 (the header is line 1)
     write(tmp_path / "Sci.train.inter", INTER_HEADER + "".join(rows))
-    with pytest.raises(DataError, match=r"Sci.train.inter:200000: expected 'user<TAB>item item ...<TAB>item' with "
-                                        r"integer indices, got '1\\t0 1 3x\\t2' \(history item '3x' is not an integer\)"):
+    with pytest.raises(DataError, match=r"Sci.train.inter:200000: expected 'user<TAB>item item ...<TAB>item' "
+                                        r"with integer indices, got '1\\t0 1 3x\\t2' "
+                                        r"\(history item '3x' is not an integer\)"):
         read_recbole(tmp_path, name="Sci")
     rows[200_000 - 2] = "1\t0 1\t2\t7\n"
     write(tmp_path / "Sci.train.inter", INTER_HEADER + "".join(rows))

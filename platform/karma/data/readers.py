@@ -287,8 +287,8 @@ def _chain(w: _Windows, u: np.ndarray, L: int, base: np.ndarray, seq: np.ndarray
     known seq[p + 1 .. p + L]; exactly one distinct such item must exist."""
     cut = np.flatnonzero(w.lengths == L + 1)
     step = max(1, (1 << 24) // (L + 1))  # hash the windows in blocks of bounded memory
-    keys = np.concatenate([_hash(u[c], w.items[w.offsets[c][:, None] + np.arange(1, L + 1)])
-                           for c in np.array_split(cut, range(step, len(cut), step))]) if len(cut) else np.zeros(0, np.uint64)
+    keys = np.concatenate([np.zeros(0, np.uint64)] + [_hash(u[c], w.items[w.offsets[c][:, None] + np.arange(1, L + 1)])
+                                                      for c in np.array_split(cut, range(step, len(cut), step))])
     heads = w.items[w.offsets[cut]]
     by_key = np.lexsort((heads, keys))
     cut, keys, heads = cut[by_key], keys[by_key], heads[by_key]
