@@ -283,7 +283,7 @@ RATINGS_CSV = """userId,movieId,rating,timestamp
 
 
 def test_read_movielens_csv_layout(tmp_path):
-    write(tmp_path / "movies.csv", MOVIES_CSV)
+    write(tmp_path / "movies.csv", "\ufeff" + MOVIES_CSV)  # a byte-order mark, as spreadsheets save CSV
     write(tmp_path / "ratings.csv", RATINGS_CSV)
     d = read_movielens(tmp_path)
     assert d.name == tmp_path.name and d.users is None

@@ -9,6 +9,7 @@ nothing extra and no row ever becomes a Python object.
 
 from __future__ import annotations
 
+import codecs
 import io
 from pathlib import Path
 from typing import Literal
@@ -38,9 +39,11 @@ def _clip(line: str, width: int = 80) -> str:
 
 
 def read_bytes(path: Path, encoding: str = "utf-8") -> bytes:
-    """The file as UTF-8 bytes. `encoding="auto"` reads UTF-8 and falls back to latin-1
-    (MovieLens-1M's movies.dat is latin-1, the later releases UTF-8)."""
+    """The file as UTF-8 bytes, without a byte-order mark. `encoding="auto"` reads UTF-8 and
+    falls back to latin-1 (MovieLens-1M's movies.dat is latin-1, the later releases UTF-8)."""
     data = path.read_bytes()
+    if data.startswith(codecs.BOM_UTF8):  # as spreadsheet programs save CSV
+        data = data[len(codecs.BOM_UTF8):]
     if encoding == "auto":
         try:
             data.decode("utf-8")
