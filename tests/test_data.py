@@ -149,6 +149,40 @@ def test_unknown_item_ids_in_events_and_shown():
         validate_events(ev, make_items())
 
 
+def test_bad_values_are_named_by_row():
+    items = make_items().assign(item_id=["10", "20", "x", "40", "50"])
+    with pytest.raises(DataError, match=r"'item_id' .*cannot be cast to int64 .*, first at row 2 \(value 'x'\)"):
+        validate_items(items)
+    ev = make_events().assign(ts=[1, 2, 3, 4.5, 5, 6, 7, 8, 9.5])
+    with pytest.raises(DataError, match=r"'ts' .*cannot be cast to int64 .*, first at row 3 \(value 4.5\)"):
+        validate_events(ev, make_items())
+    ev = make_events().assign(user_id=[2, 1, 1, 3, 2, -1, 1, 2, 3])
+    with pytest.raises(DataError, match=r"'user_id' has 1 negative value\(s\) \(e.g. -1\), first at row 5"):
+        validate_events(ev, make_items())
+    ev = make_events().assign(item_id=[50, 30, 10, 20, 10, 40, 20, 30, 41])
+    with pytest.raises(DataError, match=r"1 event\(s\) reference item ids missing from items \(e.g. 41\), "
+                                        r"first at row 8"):
+        validate_events(ev, make_items())
+    ev = make_events()
+    ev.at[7, "shown"] = [10, 77]
+    with pytest.raises(DataError, match=r"'shown' references 1 unknown item id\(s\) \(e.g. 77\), first at row 7"):
+        validate_events(ev, make_items())
+    ev.at[7, "shown"] = ["ten"]
+    with pytest.raises(DataError, match=r"'shown' must hold lists of integer item ids"):
+        validate_events(ev, make_items())
+
+
+def test_query_and_shown_are_normalised_column_wise():
+    ev = make_events().assign(query=[None, np.nan, 5, "a", None, "gloves", None, None, None],
+                              shown=[None, np.nan, np.array([10, 20]), [30], [], [50, 20], None, (40,), None])
+    out = validate_events(ev, make_items())  # sorted by (user, ts): rows 2,6,1,5 | 0,4,7 | 3,8 of the input
+    order = [2, 6, 1, 5, 0, 4, 7, 3, 8]
+    assert out["query"].tolist() == [[None, None, "5", "a", None, "gloves", None, None, None][i] for i in order]
+    shown = [[], [], [10, 20], [30], [], [50, 20], [], [40], []]
+    assert [s.tolist() for s in out["shown"]] == [shown[i] for i in order]
+    assert all(s.dtype == np.int64 for s in out["shown"])
+
+
 def test_users_with_empty_histories():
     ev = pd.concat([make_events(), pd.DataFrame({"user_id": [7, 8], "item_id": [10, 20], "ts": [1, 1]})])
     with pytest.raises(DataError, match=r"2 user\(s\) have empty histories.*user_id 7, 8.*at least 2 events"):

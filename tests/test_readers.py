@@ -1,11 +1,17 @@
-"""RecBole/UniSRec atomic files and raw MovieLens-100K, on small fixtures written here."""
+"""RecBole/UniSRec atomic files, MovieLens in its three layouts and Parquet part folders, on
+small fixtures written here; malformed rows are named by file and line."""
 
+import re
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from karma.data import DataError, leave_one_out, load_source, read_movielens, read_recbole
+from karma.data import (DataError, SyntheticConfig, generate, leave_one_out, load_source, read_movielens,
+                        read_parquet, read_recbole, write_parquet)
 from karma.data.readers import split_recbole_text
 
 INTER_HEADER = "user_id:token\titem_id_list:token_seq\titem_id:token\n"
@@ -232,11 +238,16 @@ def test_read_movielens_min_rating_drops_short_users(tmp_path):
 def test_read_movielens_errors(tmp_path):
     write_movielens(tmp_path)
     write(tmp_path / "u.user", "1|24|M|technician\n")
-    with pytest.raises(DataError, match=r"u.user: expected 5 '\|'-separated fields per line, found 4"):
+    with pytest.raises(DataError, match=r"u.user:1: expected 5 '\|'-separated fields .* \(4 fields instead of 5\)"):
         read_movielens(tmp_path)
     write_movielens(tmp_path)
-    write(tmp_path / "u.data", "1\t4\tfive\t881250949\n")
-    with pytest.raises(DataError, match="u.data: fields must be integers"):
+    write(tmp_path / "u.data", "\n".join(ML_DATA[:5] + ["1\t4\tfive\t881250949"]) + "\n")
+    with pytest.raises(DataError, match=r"u.data:6: expected 4 tab-separated integers .*\(rating 'five' is not an "
+                                        r"integer\); fix or remove that line"):
+        read_movielens(tmp_path)
+    write_movielens(tmp_path)
+    write(tmp_path / "u.data", "\n".join(ML_DATA + ["3\t9\t4\t890000002"]) + "\n")
+    with pytest.raises(DataError, match=r"u.data:9: .*\(movie 9 is not in u.item\); add the movie to u.item"):
         read_movielens(tmp_path)
     (tmp_path / "u.item").unlink()
     with pytest.raises(DataError, match="u.item: file not found"):
@@ -249,3 +260,239 @@ def test_read_movielens_empty_file_is_named(tmp_path, name):
     write(tmp_path / name, "")
     with pytest.raises(DataError, match=rf"{name}: the file is empty; MovieLens-100K's"):
         read_movielens(tmp_path)
+
+
+# ---------------------------------------------------------------- MovieLens CSV layout (ml-latest, ml-25m)
+
+MOVIES_CSV = """movieId,title,genres
+1,Toy Story (1995),Adventure|Animation|Children|Comedy|Fantasy
+11,"American President, The (1995)",Comedy|Drama|Romance
+29,"City of Lost Children, The (Cit\u00e9 des enfants perdus, La) (1995)",Adventure|Drama|Fantasy
+40,"Pelle, ""the Conqueror"" (1987)",Drama
+50,Unseen (2020),(no genres listed)
+"""
+RATINGS_CSV = """userId,movieId,rating,timestamp
+1,29,3.5,1260759144
+1,11,2.5,1260759144
+1,1,4.0,1260759100
+
+2,40,0.5,1112484580
+2,1,5.0,1112484600
+3,11,4.5,1000000000
+"""
+
+
+def test_read_movielens_csv_layout(tmp_path):
+    write(tmp_path / "movies.csv", "\ufeff" + MOVIES_CSV)  # a byte-order mark, as spreadsheets save CSV
+    write(tmp_path / "ratings.csv", RATINGS_CSV)
+    d = read_movielens(tmp_path)
+    assert d.name == tmp_path.name and d.users is None
+    it = d.items
+    assert it.item_id.tolist() == [1, 11, 29, 40, 50]  # every movie, rated or not
+    assert it.title.tolist() == ["Toy Story (1995)", "American President, The (1995)",
+                                 "City of Lost Children, The (Cit\u00e9 des enfants perdus, La) (1995)",
+                                 'Pelle, "the Conqueror" (1987)', "Unseen (2020)"]
+    assert it.category.tolist() == ["Adventure, Animation, Children, Comedy, Fantasy", "Comedy, Drama, Romance",
+                                    "Adventure, Drama, Fantasy", "Drama", ""]
+    assert it.brand.tolist() == [""] * 5 and it.text.tolist() == [""] * 5
+    ev = d.events  # user 3 has one rating: too few for an example
+    assert ev.user_id.tolist() == [1, 1, 1, 2, 2]
+    assert ev.item_id.tolist() == [1, 11, 29, 40, 1]  # the ts tie at 1260759144 goes to item 11 first
+    assert ev.ts.tolist() == [1260759100, 1260759144, 1260759144, 1112484580, 1112484600]
+    assert ev.rating.tolist() == [4.0, 2.5, 3.5, 0.5, 5.0] and ev.rating.dtype == np.float64
+    kept = load_source("movielens", str(tmp_path), min_rating=3.5).events
+    assert kept.item_id.tolist() == [1, 29]  # half stars compare as numbers; user 2 keeps one rating only
+
+
+@pytest.mark.parametrize("line, bad, message", [
+    (3, "1,11,2.5", r"\(3 fields instead of 4\); fix or remove that line"),
+    (3, "1,eleven,2.5,1260759144", r"\(movieId 'eleven' is not an integer\)"),
+    (5, "1,1,4.0,", r"\(timestamp '' is not an integer\)"),
+    (6, "2,41,0.5,1112484580", r"\(movie 41 is not in movies.csv\); add the movie to movies.csv or remove that line"),
+    (6, "2,40,nan,1112484580", r"\(rating nan is not a finite number\)"),
+])
+def test_movielens_csv_bad_ratings_line_is_named(tmp_path, line, bad, message):
+    lines = RATINGS_CSV.splitlines()
+    lines[line - 1] = bad
+    write(tmp_path / "movies.csv", MOVIES_CSV)
+    write(tmp_path / "ratings.csv", "\n".join(lines) + "\n")
+    with pytest.raises(DataError) as err:
+        read_movielens(tmp_path)
+    assert str(err.value).startswith(f"{tmp_path / 'ratings.csv'}:{line}: expected 'userId,movieId,rating,timestamp'")
+    assert re.search(message, str(err.value)), str(err.value)
+
+
+def test_movielens_csv_bad_movies(tmp_path):
+    write(tmp_path / "ratings.csv", RATINGS_CSV)
+    unquoted = MOVIES_CSV.replace('"American President, The (1995)"', "American President, The (1995)")
+    write(tmp_path / "movies.csv", unquoted)
+    with pytest.raises(DataError, match=r"movies.csv:3: expected 'movieId,title,genres' with a title holding commas "
+                                        r"in double quotes, got '11,American President.* \(4 fields instead of 3\)"):
+        read_movielens(tmp_path)
+    write(tmp_path / "movies.csv", MOVIES_CSV.replace("50,Unseen", "11,Unseen"))
+    with pytest.raises(DataError, match=r"movies.csv:6: .*\(movie id 11 is listed again\); keep one line per movie"):
+        read_movielens(tmp_path)
+    write(tmp_path / "movies.csv", "movieId,name,genres\n1,Toy Story (1995),Comedy\n")
+    with pytest.raises(DataError, match=r"movies.csv:1: the header 'movieId,name,genres' lacks "
+                                        r"column\(s\) \['title'\]"):
+        read_movielens(tmp_path)
+    (tmp_path / "movies.csv").unlink()
+    with pytest.raises(DataError, match=r"movies.csv: file not found; the MovieLens CSV layout needs ratings.csv and"):
+        read_movielens(tmp_path)
+
+
+# ---------------------------------------------------------------- MovieLens '::' layout (ML-1M, ML-10M)
+
+MOVIES_DAT = ["1::Toy Story (1995)::Animation|Children's|Comedy",
+              "2::Caf\u00e9 au lait (1993)::Comedy|Romance",
+              "3::Star Wars: Episode IV - A New Hope (1977)::Action|Sci-Fi"]
+RATINGS_DAT = ["1::3::5::978300760", "1::1::3::978300760", "1::2::4::978301000",
+               "2::3::2::978000000", "2::1::5::978000100"]
+USERS_DAT = ["1::F::1::10::48067", "2::M::56::16::70072"]
+
+
+def write_dat(d: Path, encoding: str = "latin-1", users: bool = True) -> None:
+    (d / "movies.dat").write_bytes(("\n".join(MOVIES_DAT) + "\n").encode(encoding))
+    write(d / "ratings.dat", "\n".join(RATINGS_DAT) + "\n")
+    if users:
+        write(d / "users.dat", "\n".join(USERS_DAT) + "\n")
+
+
+@pytest.mark.parametrize("encoding", ["latin-1", "utf-8"])  # ML-1M is latin-1, ML-10M UTF-8
+def test_read_movielens_dat_layout(tmp_path, encoding):
+    write_dat(tmp_path, encoding)
+    d = read_movielens(tmp_path)
+    it = d.items
+    assert it.item_id.tolist() == [1, 2, 3]
+    assert it.title.tolist() == ["Toy Story (1995)", "Caf\u00e9 au lait (1993)",
+                                 "Star Wars: Episode IV - A New Hope (1977)"]
+    assert it.category.tolist() == ["Animation, Children's, Comedy", "Comedy, Romance", "Action, Sci-Fi"]
+    ev = d.events
+    assert ev.user_id.tolist() == [1, 1, 1, 2, 2] and ev.item_id.tolist() == [1, 3, 2, 3, 1]
+    assert ev.rating.tolist() == [3.0, 5.0, 4.0, 2.0, 5.0]
+    assert d.users.user_id.tolist() == [1, 2] and d.users.gender.tolist() == ["F", "M"]
+    assert d.users.age.tolist() == [1, 56] and d.users.occupation.tolist() == [10, 16]
+    assert d.users.zip.tolist() == ["48067", "70072"]
+
+
+def test_movielens_dat_without_users_and_half_stars(tmp_path):
+    write_dat(tmp_path, users=False)
+    write(tmp_path / "ratings.dat", "1::3::4.5::978300760\n1::1::0.5::978300761\n")  # ML-10M's half stars
+    d = read_movielens(tmp_path, min_rating=0.5)
+    assert d.users is None and d.events.rating.tolist() == [4.5, 0.5]
+
+
+@pytest.mark.parametrize("file, line, bad, message", [
+    ("ratings.dat", 4, "2::3::2", r"got '2::3::2' \(3 fields instead of 4\)"),
+    ("ratings.dat", 2, "1::1::3::yesterday", r"\(ts 'yesterday' is not an integer\)"),
+    ("ratings.dat", 5, "2::7::5::978000100", r"\(movie 7 is not in movies.dat\); add the movie to movies.dat"),
+    ("movies.dat", 3, "3::Star Wars", r"\(2 fields instead of 3\)"),
+    ("users.dat", 2, "2::M::fifty::16::70072", r"\(age 'fifty' is not an integer\)"),
+])
+def test_movielens_dat_bad_line_is_named(tmp_path, file, line, bad, message):
+    write_dat(tmp_path)
+    lines = {"ratings.dat": RATINGS_DAT, "movies.dat": MOVIES_DAT, "users.dat": USERS_DAT}[file].copy()
+    lines[line - 1] = bad
+    write(tmp_path / file, "\n".join(lines) + "\n")
+    with pytest.raises(DataError) as err:
+        read_movielens(tmp_path)
+    assert str(err.value).startswith(f"{tmp_path / file}:{line}: expected '"), str(err.value)
+    assert re.search(message, str(err.value)), str(err.value)
+
+
+def test_movielens_layout_is_recognised_by_its_files(tmp_path):
+    with pytest.raises(DataError, match=r"no MovieLens ratings file; expected u.data \(ML-100K\), ratings.csv"):
+        read_movielens(tmp_path)
+    write_dat(tmp_path)
+    write(tmp_path / "ratings.csv", RATINGS_CSV)
+    with pytest.raises(DataError, match=r"holds ratings.csv and ratings.dat; keep one MovieLens release per folder"):
+        read_movielens(tmp_path)
+    (tmp_path / "movies.dat").unlink()
+    (tmp_path / "ratings.csv").unlink()
+    with pytest.raises(DataError, match=r"movies.dat: file not found; the MovieLens '::' layout needs"):
+        read_movielens(tmp_path)
+
+
+# ---------------------------------------------------------------- a bad row deep inside a large file
+
+def test_bad_row_deep_in_a_large_inter_file_is_named_by_line(tmp_path):
+    n = 250_000
+    write_tiny_recbole(tmp_path)
+    rows = [f"{u % 2}\t0 1\t2\n" for u in range(n)]
+    rows[200_000 - 2] = "1\t0 1 3x\t2\n"  # line 200,000 (the header is line 1)
+    write(tmp_path / "Sci.train.inter", INTER_HEADER + "".join(rows))
+    with pytest.raises(DataError, match=r"Sci.train.inter:200000: expected 'user<TAB>item item ...<TAB>item' "
+                                        r"with integer indices, got '1\\t0 1 3x\\t2' "
+                                        r"\(history item '3x' is not an integer\)"):
+        read_recbole(tmp_path, name="Sci")
+    rows[200_000 - 2] = "1\t0 1\t2\t7\n"
+    write(tmp_path / "Sci.train.inter", INTER_HEADER + "".join(rows))
+    with pytest.raises(DataError, match=r"Sci.train.inter:200000: .*\(4 fields instead of 3\)"):
+        read_recbole(tmp_path, name="Sci")
+
+
+@pytest.mark.parametrize("bad, message", [("7,1,4.0", r"\(3 fields instead of 4\)"),
+                                          ("7,1,4.0,1x", r"\(timestamp '1x' is not an integer\)"),
+                                          ("7,12,4.0,100", r"\(movie 12 is not in movies.csv\)")])
+def test_bad_row_deep_in_a_large_ratings_file_is_named_by_line(tmp_path, bad, message):
+    write(tmp_path / "movies.csv", MOVIES_CSV)
+    n = 300_000
+    rows = [f"{u // 10},{(1, 11, 29, 40)[u % 4]},{(u % 10) / 2 + 0.5},{1_000_000 + u}\n" for u in range(n)]
+    rows[123_456] = "\n"  # blank lines are skipped, but still counted
+    rows[250_000 - 2] = bad + "\n"
+    write(tmp_path / "ratings.csv", "userId,movieId,rating,timestamp\n" + "".join(rows))
+    with pytest.raises(DataError) as err:
+        read_movielens(tmp_path)
+    assert str(err.value).startswith(f"{tmp_path / 'ratings.csv'}:250000: expected"), str(err.value)
+    assert re.search(message, str(err.value)), str(err.value)
+
+
+# ---------------------------------------------------------------- Parquet: a folder of part files per table
+
+def test_parquet_part_folders_read_equal_to_single_files(tmp_path):
+    d = generate(SyntheticConfig(n_users=60, n_items=50, n_categories=4, n_brands=6, query_prob=0.3, seed=3))
+    write_parquet(d, tmp_path / "single")
+    parts = tmp_path / "parts"
+    (parts / "items").mkdir(parents=True)
+    (parts / "events.parquet").mkdir()  # as Spark names its output folders
+    items, events = (pq.read_table(tmp_path / "single" / f) for f in ("items.parquet", "events.parquet"))
+    for i, lo in enumerate(range(0, items.num_rows, 20)):  # row order across parts is the items' row order
+        pq.write_table(items.slice(lo, 20), parts / "items" / f"part-{i:05d}.parquet")
+    cuts = [0, 100, 101, 350, events.num_rows]
+    for i, (lo, hi) in enumerate(zip(cuts, cuts[1:])):
+        sub = parts / "events.parquet" / f"day={i}"  # nested folders are read too
+        sub.mkdir()
+        pq.write_table(events.slice(lo, hi - lo), sub / f"part-{i}.parquet")
+    (parts / "events.parquet" / "_SUCCESS").write_text("")  # not data
+    a, b = read_parquet(tmp_path / "single"), read_parquet(parts)
+    pd.testing.assert_frame_equal(a.items, b.items)
+    pd.testing.assert_frame_equal(a.events.drop(columns="shown"), b.events.drop(columns="shown"))
+    assert [s.tolist() for s in a.events.shown] == [s.tolist() for s in b.events.shown]
+    assert a.items.title.tolist() == d.items.title.tolist() and len(b.events) == len(d.events)
+
+
+def test_parquet_part_folder_errors_name_the_part(tmp_path):
+    d = generate(SyntheticConfig(n_users=30, n_items=40, n_categories=4, n_brands=6, seed=1))
+    write_parquet(d, tmp_path)
+    events = pq.read_table(tmp_path / "events.parquet")
+    (tmp_path / "events.parquet").rename(tmp_path / "whole.bin")
+    (tmp_path / "events").mkdir()
+    pq.write_table(events.slice(0, 50), tmp_path / "events" / "part-0.parquet")
+    broken = tmp_path / "events" / "part-1.parquet"
+    broken.write_bytes(b"PAR1 not really")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(broken))}: not a readable Parquet file \(ArrowInvalid: "):
+        read_parquet(tmp_path)
+    clash = events.slice(50).set_column(0, "user_id", pa.array([str(u) for u in events["user_id"].to_pylist()[50:]]))
+    pq.write_table(clash, broken)
+    with pytest.raises(DataError, match=rf"^{re.escape(str(broken))}: its columns do not match part-0.parquet's"):
+        read_parquet(tmp_path)
+    pq.write_table(events.slice(50), broken)
+    assert len(read_parquet(tmp_path).events) == events.num_rows
+    (tmp_path / "whole.bin").rename(tmp_path / "events.parquet")
+    with pytest.raises(DataError, match=r"both events.parquet and events/ exist; keep one of them"):
+        read_parquet(tmp_path)
+    (tmp_path / "events.parquet").unlink()
+    for f in (tmp_path / "events").iterdir():
+        f.unlink()
+    with pytest.raises(DataError, match=r"events: the folder holds no Parquet part files"):
+        read_parquet(tmp_path)

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from karma.data import DataError, SyntheticConfig, generate, item_counts, leave_one_out, validate
+from karma.data import DataError, SyntheticConfig, generate, item_counts, leave_one_out, synthetic, validate
 
 
 @pytest.fixture(scope="module")
@@ -126,3 +126,56 @@ def test_config_errors():
         generate(SyntheticConfig(n_categories=17))
     with pytest.raises(DataError, match="need 2 <= min_len <= max_len"):
         generate(SyntheticConfig(min_len=5, max_len=4))
+
+
+def test_no_item_repeats_within_a_user(default):
+    d, _ = default
+    assert not d.events.duplicated(["user_id", "item_id"]).any()
+    # users mostly stay within their 1-3 interests (others only once an interest runs out)
+    spans = d.events.merge(d.items[["item_id", "category"]]).groupby("user_id").category.nunique()
+    assert (spans <= 3).mean() > 0.98
+
+
+def test_an_exhausted_interest_is_used_up_before_others():
+    # one interest per user and ~10 items per category: long sequences run out of their category,
+    # and only then (with every warm item of it bought) move to other categories
+    cfg = SyntheticConfig(n_users=300, n_items=40, n_categories=4, n_brands=6, interests_per_user=(1, 1),
+                          min_len=8, max_len=20, seed=5)
+    d = generate(cfg)
+    items = d.items.set_index("item_id")
+    warm_of = {c: set(g.index[~g.cold]) for c, g in items.groupby("category")}
+    left = 0
+    for _, seq in d.events.groupby("user_id").item_id:
+        seq = seq.tolist()
+        home = items.category[seq[0]]
+        for t, item in enumerate(seq):
+            if items.category[item] != home:
+                assert warm_of[home] <= set(seq[:t])
+                left += 1
+    assert left > 50  # the case happens often enough to be tested
+    assert not d.events.duplicated(["user_id", "item_id"]).any()
+
+
+def test_more_events_than_warm_items_repeat_only_then():
+    d = generate(SyntheticConfig(n_users=50, n_items=24, n_categories=12, n_brands=12, min_len=20, max_len=30, seed=2))
+    warm = set(d.items.item_id[~d.items.cold])
+    for _, seq in d.events.groupby("user_id").item_id:
+        seq = seq.tolist()
+        warm_events = len(seq) - (seq[-1] not in warm)  # a last event may be the cold item
+        assert len(set(seq) & warm) == min(warm_events, len(warm))
+        first_repeat = next((t for t in range(len(seq)) if seq[t] in seq[:t]), None)
+        if first_repeat is not None:
+            assert warm <= set(seq[:first_repeat])
+
+
+def test_blocks_of_users_join_seamlessly(monkeypatch):
+    monkeypatch.setattr(synthetic, "_BLOCK_USERS", 64)  # 300 users in 5 blocks
+    cfg = SyntheticConfig(n_users=300, n_items=120, seed=4)
+    a, b = generate(cfg), generate(cfg)
+    pd.testing.assert_frame_equal(a.events, b.events)
+    assert a.events.user_id.unique().tolist() == list(range(1, 301))
+    lens = a.events.groupby("user_id").size()
+    assert lens.min() >= 6 and lens.max() <= 30
+    assert not a.events.duplicated(["user_id", "item_id"]).any()
+    block = (a.events.user_id - 1) // 64  # every block draws its own users: sequences differ between blocks
+    assert a.events.groupby(block).item_id.apply(tuple).nunique() == 5

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 ITEM_COLUMNS = ("item_id", "title", "category", "brand", "text")
 EVENT_COLUMNS = ("user_id", "item_id", "ts")
@@ -62,6 +63,13 @@ def _no_nulls(s: pd.Series, where: str, hint: str) -> None:
         )
 
 
+def _first_non_integer(s: pd.Series) -> int:
+    """Row of the first value that is not a whole number (to name it in an error)."""
+    num = pd.to_numeric(s, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+    bad = ~np.isfinite(num) | (np.mod(num, 1) != 0)
+    return int(np.argmax(bad))
+
+
 def _as_int64(s: pd.Series, where: str, non_negative: bool) -> pd.Series:
     _no_nulls(s, where, "drop those rows or fill the column")
     try:
@@ -69,15 +77,19 @@ def _as_int64(s: pd.Series, where: str, non_negative: bool) -> pd.Series:
             raise ValueError("non-integral floats")
         out = s.astype("int64")
     except (ValueError, TypeError, OverflowError) as e:
+        row = _first_non_integer(s)
+        value = s.iloc[row]
+        value = value.item() if isinstance(value, np.generic) else value
         raise DataError(
-            f"{where}: column '{s.name}' (dtype {s.dtype}) cannot be cast to int64 ({e}); "
-            "ids and timestamps must be whole numbers"
+            f"{where}: column '{s.name}' (dtype {s.dtype}) cannot be cast to int64 ({e}), first at row {row} "
+            f"(value {value!r}); ids and timestamps must be whole numbers"
         ) from None
-    if non_negative and (out < 0).any():
-        neg = out[out < 0]
+    negative = out.to_numpy() < 0
+    if non_negative and negative.any():
+        neg = out[negative]
         raise DataError(
             f"{where}: column '{s.name}' has {len(neg)} negative value(s) "
-            f"(e.g. {_examples(neg.unique())}); ids must be >= 0 - remap them"
+            f"(e.g. {_examples(neg.unique())}), first at row {int(np.argmax(negative))}; ids must be >= 0 - remap them"
         )
     return out
 
@@ -128,21 +140,33 @@ def validate_items(items: pd.DataFrame, where: str = "items") -> pd.DataFrame:
 
 
 def _shown_column(s: pd.Series, known: pd.Index, where: str) -> pd.Series:
-    """Normalise `shown` to int64 arrays (null and [] both mean 'no impression')."""
+    """Normalise `shown` to int64 arrays (null and [] both mean 'no impression'). Arrow converts
+    the whole column at once; its rows come back as views of one buffer."""
     try:
-        lists = [np.zeros(0, np.int64) if v is None or (np.isscalar(v) and pd.isna(v))
-                 else np.asarray(v).astype(np.int64).reshape(-1) for v in s]
-    except (ValueError, TypeError) as e:
+        lists = pa.array(s.to_numpy(dtype=object), type=pa.list_(pa.int64()), from_pandas=True)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError) as e:
         raise DataError(f"{where}: column 'shown' must hold lists of integer item ids ({e})") from None
-    flat = np.concatenate(lists) if lists else np.zeros(0, np.int64)
-    unknown = flat[known.get_indexer(flat) < 0]
-    if len(unknown):
+    lists = pa.ListArray.from_arrays(lists.offsets, lists.values)  # null -> [] (nulls span no values)
+    flat = lists.values.to_numpy()
+    bad = known.get_indexer(flat) < 0
+    if bad.any():
+        first_row = int(np.searchsorted(lists.offsets.to_numpy(), np.argmax(bad), side="right") - 1)
         raise DataError(
-            f"{where}: column 'shown' references {len(unknown)} unknown item id(s) "
-            f"(e.g. {_examples(np.unique(unknown))}); every shown item must be in items - "
-            "drop them from the lists or add the items"
+            f"{where}: column 'shown' references {int(bad.sum())} unknown item id(s) "
+            f"(e.g. {_examples(np.unique(flat[bad]))}), first at row {first_row}; every shown item must be in "
+            "items - drop them from the lists or add the items"
         )
-    return pd.Series(lists, index=s.index, name="shown", dtype=object)
+    return pd.Series(lists.to_pandas().to_numpy(), index=s.index, name="shown", dtype=object)
+
+
+def _query_column(s: pd.Series) -> pd.Series:
+    """`query` as str or None per row."""
+    values = s.to_numpy(dtype=object, copy=True)
+    missing = pd.isna(values)
+    if pd.api.types.infer_dtype(values, skipna=True) not in ("string", "empty"):
+        values[~missing] = [str(q) for q in values[~missing]]  # only for queries that are not text yet
+    values[missing] = None
+    return pd.Series(values, index=s.index, name="query", dtype=object)
 
 
 def validate_events(events: pd.DataFrame, items: pd.DataFrame, where: str = "events") -> pd.DataFrame:
@@ -153,26 +177,33 @@ def validate_events(events: pd.DataFrame, items: pd.DataFrame, where: str = "eve
     df["item_id"] = _as_int64(df["item_id"], where, non_negative=True)
     df["ts"] = _as_int64(df["ts"], where, non_negative=False)
     known = pd.Index(items["item_id"])
-    unknown = df["item_id"][known.get_indexer(df["item_id"]) < 0]
-    if len(unknown):
+    missing = known.get_indexer(df["item_id"]) < 0
+    if missing.any():
+        unknown = df["item_id"][missing]
         raise DataError(
             f"{where}: {len(unknown)} event(s) reference item ids missing from items "
-            f"(e.g. {_examples(unknown.unique())}); add those items or drop the events"
+            f"(e.g. {_examples(unknown.unique())}), first at row {int(np.argmax(missing))}; add those items or "
+            "drop the events"
         )
     if "query" in df.columns:  # nullable: most clicks come without a search
-        df["query"] = pd.Series([None if pd.isna(q) else str(q) for q in df["query"]], dtype=object)
+        df["query"] = _query_column(df["query"])
     if "shown" in df.columns:
         df["shown"] = _shown_column(df["shown"], known, where)
-    sizes = df.groupby("user_id")["user_id"].size()
-    short = sizes[sizes < MIN_EVENTS_PER_USER]
+    user, ts = df["user_id"].to_numpy(), df["ts"].to_numpy()
+    if not np.all((user[1:] > user[:-1]) | ((user[1:] == user[:-1]) & (ts[1:] >= ts[:-1]))):
+        df = df.sort_values(["user_id", "ts"], kind="stable").reset_index(drop=True)  # readers mostly sort already
+        user = df["user_id"].to_numpy()
+    starts = np.flatnonzero(np.concatenate(([True], user[1:] != user[:-1]))) if len(user) else np.zeros(0, int)
+    sizes = np.diff(np.append(starts, len(user)))
+    short = user[starts[sizes < MIN_EVENTS_PER_USER]]
     if len(short):
         raise DataError(
             f"{where}: {len(short)} user(s) have empty histories (fewer than {MIN_EVENTS_PER_USER} "
-            f"events, e.g. user_id {_examples(short.index)}); a user needs at least "
+            f"events, e.g. user_id {_examples(short)}); a user needs at least "
             f"{MIN_EVENTS_PER_USER} events to make one example - filter them out, e.g. "
             "events[events.groupby('user_id').user_id.transform('size') >= 2]"
         )
-    return df.sort_values(["user_id", "ts"], kind="stable").reset_index(drop=True)
+    return df
 
 
 def validate_users(users: pd.DataFrame, where: str = "users") -> pd.DataFrame:
