@@ -46,6 +46,8 @@ def kind_of(rel: str, r: dict) -> str:
         return "eval_memory"
     if "http" in r and "in_process" in r:
         return "serve_load"
+    if name.startswith("scale") and "sizes" in r:
+        return "scale"
     if name.startswith("batch_recall") and "runs" in r:
         return "batch_recall"
     if "per_seed" in r and "mean_std" in r:
@@ -207,6 +209,31 @@ def batch_recall_section(files: list[tuple[str, dict]]) -> list[str]:
     return ["## Batch recall (`karma-recall`)", "", note, ""] + table(header, rows) + [""]
 
 
+def scale_section(files: list[tuple[str, dict]]) -> list[str]:
+    rows = []
+    for rel, r in files:
+        version = ((r.get("provenance") or {}).get("git_commit") or "?")[:7]
+        for v in r["sizes"]:
+            prep, train, test = v["prepare"], v["train"], v["test"]
+            worker = max(max(s.values()) for s in v["worker_peak_rss_mb"].values())
+            test_rss = max(s["test"] for s in v["worker_peak_rss_mb"].values())
+            rows.append([code(rel), device_of(r), version, fmt(v["events"]), fmt(v["users"]), fmt(v["items"]),
+                         fmt(prep["seconds"], ",.1f"), fmt(prep["events_per_s"]), fmt(prep["peak_rss_mb"]),
+                         fmt((v.get("text") or {}).get("seconds"), ",.1f"), fmt(v["setup_seconds"], ",.1f"),
+                         fmt(train["seconds"], ",.1f"), fmt(test["queries"]), fmt(test["seconds"], ",.0f"),
+                         fmt(test["queries_per_s"]), fmt(worker), fmt(test_rss), fmt(v["driver_peak_rss_mb"]),
+                         fmt(v["wall_seconds"], ",.0f")])
+    header = ["file", "device", "code", "events", "users", "items", "prepare s", "prepare events/s",
+              "prepare peak MB", "text s", "worker setup s", "train s", "test users", "test s", "test users/s",
+              "worker peak MB", "worker peak in test MB", "driver peak MB", "job s"]
+    note = ("`bench/scale.py`: the synthetic set through the real Ray job (2 CPU workers, ZeRO-2, the tiny model, "
+            "a fixed number of training steps, then the test evaluation of every user), one fresh process and Ray "
+            "cluster per size. Peak RSS is each process's `ru_maxrss`: the preparation task's, the largest worker's "
+            "(over ranks and stages, and in the test stage alone) and the driver's. The log-log plot of memory and "
+            "time against events sits beside the JSON (`.png`).")
+    return ["## Cost against data size (the Ray job)", "", note, ""] + table(header, rows) + [""]
+
+
 def sasrec_section(files: list[tuple[str, dict]]) -> list[str]:
     rows = []
     for rel, r in files:
@@ -273,7 +300,7 @@ def other_section(files: list[tuple[str, dict]]) -> list[str]:
 
 SECTIONS = (("train_throughput", train_section), ("retrieval", retrieval_section),
             ("eval_memory", eval_memory_section), ("serve_load", serve_section),
-            ("batch_recall", batch_recall_section),
+            ("batch_recall", batch_recall_section), ("scale", scale_section),
             ("sasrec", sasrec_section), ("epoch_cost", epoch_cost_section), ("training_run", run_section),
             ("ablation_sweep", ablation_section), ("other", other_section))
 
