@@ -185,6 +185,22 @@ def test_text_channel_widens_unit_embeddings(text_channel):
     assert torch.allclose(out["cand"][:, model.cfg.embed_dim:] * 2 ** 0.5, model.items.text_emb, atol=1e-6)
 
 
+def test_whole_item_table_is_encoded_in_chunks_alike(text_channel, monkeypatch):
+    """Without a graph the whole table is encoded chunk by chunk (bounded temporaries at any
+    catalogue size): the same rows as encoding every id at once, and the graph path is unchunked."""
+    import karma.model
+
+    model, _, _ = text_channel
+    model.eval()
+    with torch.no_grad():
+        whole = model.item_embeddings(torch.arange(model.n_items))
+        monkeypatch.setattr(karma.model, "ITEM_CHUNK", 7)  # the fixture's catalogue in several chunks
+        chunked = model.item_embeddings()
+    assert model.n_items > 14 and chunked.shape == whole.shape == (model.n_items, model.retrieval_dim)
+    assert torch.allclose(chunked, whole, atol=1e-6)
+    assert model.item_embeddings().requires_grad  # training keeps the one-pass, differentiable path
+
+
 def test_text_channel_starts_as_the_last_items_text_neighbour(text_channel):
     """With the text half weighted up and a steep recency decay, a query is the newest history
     item's text: that item (the nearest text there is to itself) ranks first, and older

@@ -58,6 +58,10 @@ class Temperature(nn.Module):
         return self.log_tau.exp().clamp(min=1e-3)[0]
 
 
+# Items encoded at once when the whole item table is computed without a graph (ranking, export).
+ITEM_CHUNK = 16384
+
+
 class InterestTokens(nn.Module):
     """The H learned <INT> input embeddings appended after the history."""
 
@@ -204,7 +208,15 @@ class KarmaModel(nn.Module):
         """The item tower e_out(i) = normalize(W_o e_in(i)), with the text channel
         [e_out(i) ; t(i)] / sqrt 2 (unit length too); all items when ids is None."""
         if ids is None:
-            ids = torch.arange(self.n_items, device=self.item_tokens.device)
+            n, device = self.n_items, self.item_tokens.device
+            if n > ITEM_CHUNK and not torch.is_grad_enabled():
+                # the whole table for ranking or export: chunk by chunk into one output, so the
+                # gathered text rows and the tower's activations never exist for every item at once
+                out = torch.empty(n, self.retrieval_dim, device=device)
+                for a in range(0, n, ITEM_CHUNK):
+                    out[a:a + ITEM_CHUNK] = self.item_embeddings(torch.arange(a, min(a + ITEM_CHUNK, n), device=device))
+                return out
+            ids = torch.arange(n, device=device)
         e = F.normalize(self.item_head(self.items(ids)).float(), dim=-1)
         if self.pointer is None:
             return e
