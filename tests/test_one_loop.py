@@ -61,3 +61,22 @@ def test_a_nan_loss_stops_the_loop_and_names_the_step(cache_dir):
     assert trainer.state.step == 4 and trainer.state.epoch == 0 and per_epoch > 4
     assert trainer.best_weights is None  # nothing of the diverged epoch was kept
     assert np.isnan(next(model.parameters()).detach().numpy()).all()
+
+
+def test_best_weights_hold_what_training_changes(items, cache_dir):
+    """The best epoch's copy holds every parameter and none of the build-time buffers (the frozen
+    text table, the items' token ids); loading it back restores the parameters and leaves the
+    buffers as built."""
+    cfg = tiny_cfg(cache_dir, "model.text_channel=true")
+    model, _ = build_model(cfg, items, log=None)
+    backend = PlainBackend(model, cfg.train, total_steps=10, device=torch.device("cpu"))
+    saved = backend.weights()
+    params = dict(model.named_parameters(remove_duplicate=False))
+    assert set(saved) == set(params) and "items.text_emb" not in saved and "item_tokens" not in saved
+    table = model.items.text_emb.clone()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    backend.load_weights(saved)
+    assert all(torch.equal(params[k], saved[k]) for k in saved)
+    assert torch.equal(model.items.text_emb, table)
