@@ -231,6 +231,12 @@ def scale_section(files: list[tuple[str, dict]]) -> list[str]:
             "cluster per size. Peak RSS is each process's `ru_maxrss`: the preparation task's, the largest worker's "
             "(over ranks and stages, and in the test stage alone) and the driver's. The log-log plot of memory and "
             "time against events sits beside the JSON (`.png`).")
+    growth = [f"{code(rel)}: " + "; ".join(f"{pair} " + ", ".join(f"{w} {x:.2f}x" for w, x in ratios.items())
+                                          for pair, ratios in r["worker_peak_growth"].items())
+              for rel, r in files if r.get("worker_peak_growth")]
+    if growth:
+        note += (" Each worker's peak over its peak at 10^5 events (`1e7-1k-items` keeps the 10^5 catalogue, so "
+                 "beside `1e7` it tells growth with the data from growth with the catalogue): " + " ".join(growth))
     return ["## Cost against data size (the Ray job)", "", note, ""] + table(header, rows) + [""]
 
 
