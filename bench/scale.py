@@ -153,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="karma-scale-") as tmp:
             args.child_out.write_text(json.dumps(run_one(args.one, Path(tmp)), default=float))
         return 0
+    from karma.provenance import provenance
+
+    made_by = provenance()  # the code as the runs found it, before anything else changes the checkout
     runs = []
     for size in args.sizes:
         with tempfile.NamedTemporaryFile(suffix=".json") as f:
@@ -160,11 +163,10 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run([sys.executable, __file__, "--one", size, "--child-out", f.name], check=True)
             runs.append(json.loads(Path(f.name).read_text()))
     rows = [stages(r) for r in runs]
-    from karma.provenance import provenance
 
     out = {"command": "python " + " ".join(shlex.quote(a) for a in ["bench/scale.py", *(argv or sys.argv[1:])]),
            "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-           "provenance": provenance(),
+           "provenance": made_by,
            "sizes": rows, "worker_peak_growth": growth({r["size"]: r for r in rows}), "runs": runs}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2, default=float))
