@@ -71,7 +71,8 @@ def test_job_trains_tracks_and_registers(trained):
     assert run.data.params["dist.zero_stage"] == "2" and run.data.params["dist.precision"] == "bf16"
     # what each stage cost: the data task's seconds and memory, and every worker's peak RSS
     data = result.data
-    assert data["n_events"] > data["n_users"] > 0 and data["seconds"] >= sum(data["stages"].values()) * 0.9
+    rounding = 0.005 * (len(data["stages"]) + 1)  # the total and each stage are rounded to 0.01 s
+    assert data["n_events"] > data["n_users"] > 0 and data["seconds"] >= sum(data["stages"].values()) - rounding
     assert data["peak_rss_mb"] > 0 and run.data.metrics["cost/data_peak_rss_mb"] == data["peak_rss_mb"]
     for rank in range(cfg.dist.num_workers):
         rss = [result.metrics[f"cost/rank{rank}/rss_mb/{stage}"] for stage in ("setup", "train", "test")]
