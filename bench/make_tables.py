@@ -66,7 +66,7 @@ def device_of(r: dict) -> str:
     if r.get("device_name") or r.get("device"):
         name, dev = r.get("device_name"), r.get("device")
         return f"{dev}: {name}" if dev and name and name != dev else str(name or dev)
-    host = r.get("host")
+    host = r.get("host") or r.get("machine")
     if isinstance(host, dict) and host.get("cpus"):
         return f"cpu ({host['cpus']} cores)"
     if "CPU" in str(r.get("note", "")):
