@@ -122,3 +122,32 @@ def test_unreachable_endpoint_names_the_uri(monkeypatch):
         storage.write_bytes("s3://karma/unit/x.txt", b"x", dead)
     text = str(err.value)
     assert "s3://karma/unit/x.txt" in text and "2 tries" in text and "dist.storage_endpoint" in text
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["dist.storage_path=gs://bucket/runs"], r"dist.storage_path: 'gs://bucket/runs' is not supported; give s3://"),
+    (["dist.storage_path=s3://b/p", "dist.storage_endpoint=minio:9000"], r"dist.storage_endpoint: .* http\(s\)://host:port"),
+    (["dist.storage_endpoint=http://minio:9000"], r"dist.storage_endpoint: set, but dist.storage_path is a local folder"),
+    (["dist.data_cpus=0"], r"dist.data_cpus: 0 must be at least 1"),
+    (["dist.data_memory_gb=-2"], r"dist.data_memory_gb: -2 must be >= 0"),
+    (["dist.scale_up_timeout_s=-1"], r"dist.scale_up_timeout_s: -1 must be >= 0"),
+    (["dist.placement_strategy=ANYWHERE"], r"dist.placement_strategy: 'ANYWHERE' is not allowed"),
+])
+def test_bad_storage_settings_are_refused(overrides, needle):
+    from conftest import ROOT
+    from karma.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=needle):
+        load_config(ROOT / "configs" / "tiny.yaml", overrides)
+
+
+def test_object_store_config_keeps_no_local_storage(tmp_path, monkeypatch):
+    from conftest import ROOT
+    from karma.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "node"))
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["dist.storage_path=s3://b/p",
+                                                        "dist.storage_endpoint=http://127.0.0.1:9000"])
+    assert cfg.data.cache_dir == str(tmp_path / "node" / "cache")  # a node's own, not ./cache
+    assert (cfg.dist.data_cpus, cfg.dist.data_memory_gb, cfg.dist.scale_up_timeout_s) == (1, 0.0, 0)
