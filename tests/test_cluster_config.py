@@ -191,3 +191,24 @@ def test_multi_node_storage_and_mlflow(raw: dict) -> None:
     job = load_config(ROOT / submit.group(1), overrides)
     assert job.dist.storage_path.startswith("s3://") and job.data.path.startswith("/data/")
     assert job.model.backbone.startswith("/models/") and job.dist.scale_up_timeout_s > 0
+
+
+def test_readme_cluster_steps_match_cluster_yaml() -> None:
+    """README's "Clusters" walk-through submits what cluster.yaml's header does, with overrides
+    that load, and names the settings the code reads."""
+    from karma.config import load_config
+
+    section = (ROOT / "README.md").read_text().split("\n## Clusters\n", 1)[1].split("\n## ", 1)[0]
+    submit = re.search(r"python jobs/train.py --config (\S+) \\\n\s+(.+)", section)
+    assert submit, "no submit command in README's Clusters section"
+    header = (ROOT / "cluster.yaml").read_text()
+    assert f"python jobs/train.py --config {submit.group(1)}" in header
+    assert " ".join(submit.group(2).split()) in " ".join(header.split())
+    job = load_config(ROOT / submit.group(1), submit.group(2).split())
+    assert job.dist.storage_path.startswith("s3://")
+    from karma.config import DistConfig
+
+    for name in ("data_cpus", "data_memory_gb", "storage_endpoint", "scale_up_timeout_s"):
+        assert f"dist.{name}" in section and hasattr(DistConfig, name), name
+    for name in ("tracking.tracking_uri", "MLFLOW_TRACKING_URI", "--artifacts-destination", "--num-cpus=0"):
+        assert name in section, name
