@@ -68,7 +68,8 @@ def prepare_data(cfg_dict: dict, out_dir: str) -> dict:
     if not storage.is_uri(out_dir):
         summary = write_prepared(prep, Path(out_dir), cfg.train.eval_max_users)
     else:  # written on this node's disk, then uploaded; _COMPLETE goes last
-        with tempfile.TemporaryDirectory(dir=storage.node_cache().parent) as tmp:
+        storage.node_cache().mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=storage.node_cache()) as tmp:
             summary = write_prepared(prep, Path(tmp), cfg.train.eval_max_users)
             storage.put_dir(tmp, out_dir, cfg.dist.storage_endpoint)
     return {**summary, "seconds": round(time.time() - start, 2), "peak_rss_mb": peak_rss_mb()}
@@ -117,9 +118,13 @@ def _object_store_text_table(encoder: str, items_uri: str, out_dir: str, endpoin
     folder = storage.join(out_dir, name.removesuffix(".npy"))
     if storage.marker(folder, endpoint) is not None:
         return storage.join(folder, name), False
-    local = storage.node_cache() / "text-build" / name.removesuffix(".npy")
-    path, _ = ensure_text_table(texts, encoder, local, log=log)
-    storage.put_dir(path.parent, folder, endpoint)
+    import tempfile
+
+    build = storage.node_cache() / "text-build"  # its lock file stays here, out of the upload
+    path, _ = ensure_text_table(texts, encoder, build, log=log)
+    with tempfile.TemporaryDirectory(dir=build) as upload:
+        shutil.copyfile(path, Path(upload) / name)
+        storage.put_dir(upload, folder, endpoint)
     return storage.join(folder, name), True
 
 
