@@ -168,21 +168,19 @@ def check_resources(cfg: Config) -> None:
     """Fail fast when the cluster cannot host the requested workers (after waiting up to
     dist.scale_up_timeout_s for an autoscaling cluster to add nodes)."""
     have = ray.cluster_resources()
-    need = cfg.dist.num_workers * cfg.dist.cpus_per_worker + cfg.dist.data_cpus
-    if need > have.get("CPU", 0) or (cfg.dist.use_gpu and cfg.dist.num_workers * cfg.dist.gpus_per_worker
-                                     > have.get("GPU", 0)):
-        have = _wait_for_nodes(cfg, need, cfg.dist.num_workers * cfg.dist.gpus_per_worker)
-    waited = f" (after waiting dist.scale_up_timeout_s={cfg.dist.scale_up_timeout_s} s for nodes)" \
-        if cfg.dist.scale_up_timeout_s else ""
     # CPUs stay free for the data task (a Tune trial prepares its data while others train).
     need_cpu = cfg.dist.num_workers * cfg.dist.cpus_per_worker + cfg.dist.data_cpus
+    need_gpu = cfg.dist.num_workers * cfg.dist.gpus_per_worker
+    if need_cpu > have.get("CPU", 0) or (cfg.dist.use_gpu and need_gpu > have.get("GPU", 0)):
+        have = _wait_for_nodes(cfg, need_cpu, need_gpu)
+    waited = f" (after waiting dist.scale_up_timeout_s={cfg.dist.scale_up_timeout_s} s for nodes)" \
+        if cfg.dist.scale_up_timeout_s else ""
     if need_cpu > have.get("CPU", 0):
         raise ConfigError(
             f"dist.num_workers={cfg.dist.num_workers} x dist.cpus_per_worker={cfg.dist.cpus_per_worker} "
             f"plus dist.data_cpus={cfg.dist.data_cpus} for data loading needs {need_cpu} CPUs but the cluster "
             f"has {have.get('CPU', 0):g}{waited}; lower dist.num_workers or add nodes (on an autoscaling cluster "
             "raise dist.scale_up_timeout_s)")
-    need_gpu = cfg.dist.num_workers * cfg.dist.gpus_per_worker
     if cfg.dist.use_gpu and need_gpu > have.get("GPU", 0):
         raise ConfigError(
             f"dist.num_workers={cfg.dist.num_workers} x dist.gpus_per_worker={cfg.dist.gpus_per_worker:g} needs "
