@@ -194,7 +194,12 @@ def test_sqlite_tracking_and_missing_nodes_are_refused(cluster, tmp_path):
     procs = {k: subprocess.Popen([sys.executable, str(ROOT / "jobs" / "train.py"), "--config",
                                   str(ROOT / "configs" / "tiny.yaml"), *v], env=cluster["env"], cwd=tmp_path,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k, v in jobs.items()}
-    out = {k: p.communicate(timeout=120) for k, p in procs.items()}
+    try:
+        out = {k: p.communicate(timeout=120) for k, p in procs.items()}
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
     assert all(p.returncode == 2 for p in procs.values()), out
     assert re.search(r"tracking.tracking_uri: sqlite:///\S+ is a file on this machine, but the Ray cluster has 2 "
                      r"nodes.*mlflow server.*MLFLOW_TRACKING_URI", out["sqlite"][1]), out["sqlite"][1]
