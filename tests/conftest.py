@@ -62,3 +62,43 @@ def items() -> pd.DataFrame:
         rows.append({"item_id": 100 + i, "title": f"{brand} {cat.split()[0]} model {i}", "category": cat,
                      "brand": brand, "text": ""})
     return pd.DataFrame(rows)
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# Credentials an S3 emulator accepts; set for the test process and the Ray nodes it starts.
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    """An S3-compatible endpoint on loopback (moto's server mode, in this process) with one
+    bucket `karma`; yields (endpoint, server) with the AWS_* variables set while it runs."""
+    import os
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    saved = {k: os.environ.get(k) for k in S3_ENV}
+    os.environ.update(S3_ENV)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="karma")
+        yield endpoint, server
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

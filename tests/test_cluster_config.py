@@ -34,6 +34,11 @@ def test_cluster_yaml_passes_ray_validation(raw: dict) -> None:
     types = cfg["available_node_types"]
     head = types[cfg["head_node_type"]]
     assert head["resources"].get("GPU", 0) == 0
+    # no task or training worker on the head: the data task lands on a CPU node type
+    assert head["resources"].get("CPU") == 0
+    cpu_workers = {n: t for n, t in types.items()
+                   if n != cfg["head_node_type"] and t["resources"].get("GPU", 0) == 0 and t["resources"]["CPU"] >= 1}
+    assert cpu_workers, "no CPU node type for the data preparation task"
     workers = {n: t for n, t in types.items() if n != cfg["head_node_type"]}
     assert workers
     gpu_workers = {n: t for n, t in workers.items() if t["resources"].get("GPU", 0) > 0}
@@ -136,6 +141,20 @@ def test_kuberay_rayjob_manifest(rayjob: dict) -> None:
         c["image"] for g in groups for c in g["template"]["spec"]["containers"]}
     assert images == {"rayproject/ray:2.60.0-py311-gpu"}
 
+    # multi-node: the head takes no tasks, storage is an object store, a CPU group prepares data
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    assert head[0]["resources"]["limits"]["memory"] == "8Gi"
+    from karma.config import load_config
+
+    job = load_config(ROOT / config, spec["entrypoint"].split("--config", 1)[1].split()[1:])
+    assert job.dist.storage_path.startswith("s3://")
+    assert any(all(_gpus(c) == 0 for c in g["template"]["spec"]["containers"]) for g in groups)
+    for c in head + [c for g in groups for c in g["template"]["spec"]["containers"]]:
+        names = {e["name"] for e in c["env"]}
+        assert {"MLFLOW_TRACKING_URI", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= names, c["name"]
+        mounts = {m["mountPath"] for m in c["volumeMounts"]}
+        assert {"/data", "/models"} <= mounts
+
     runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
     assert runtime_env["working_dir"]
     assert "MLFLOW_TRACKING_URI" in runtime_env["env_vars"]
@@ -144,3 +163,52 @@ def test_kuberay_rayjob_manifest(rayjob: dict) -> None:
     containers = head + [c for g in groups for c in g["template"]["spec"]["containers"]]
     assert not any(e["name"].startswith("RAY_AUTH") for c in containers for e in c.get("env", []))
     assert "RAY_AUTH" not in spec["runtimeEnvYAML"]
+
+
+def test_multi_node_storage_and_mlflow(raw: dict) -> None:
+    """Nodes share no disk: /data and /models come from EFS on every node, the job's storage is
+    an s3:// URI, the head starts with no CPUs and runs `mlflow server` (artifacts in S3), and
+    every node's Ray runs with MLFLOW_TRACKING_URI pointing at it."""
+    from karma.config import load_config
+
+    cfg = _validated(raw)
+    mounts = cfg["docker"]["run_options"]
+    for path in ("/data", "/models"):
+        assert any(re.search(rf"-v /mnt/shared\S*:{path}(:ro)?$", o) for o in mounts), path
+    assert any("mount -t efs" in c for c in cfg["initialization_commands"])
+    head = " ".join(cfg["head_start_ray_commands"])
+    assert "--num-cpus=0" in head
+    server = next(c for c in cfg["head_start_ray_commands"] if "mlflow server" in c)
+    assert re.search(r"--artifacts-destination s3://\S+", server) and "--backend-store-uri sqlite:" in server
+    assert "--host 0.0.0.0" in server and "--port 5000" in server
+    assert re.search(r"export MLFLOW_TRACKING_URI=http://.+:5000;.*ray start --head", head)
+    worker = " ".join(cfg["worker_start_ray_commands"])
+    assert re.search(r"export MLFLOW_TRACKING_URI=http://\$RAY_HEAD_IP:5000;.*ray start --address", worker)
+    # the submit command's overrides make a valid config: storage in S3
+    text = (ROOT / "cluster.yaml").read_text()
+    submit = re.search(r"python jobs/train.py --config (\S+) \\\n#\s+(.+)", text)
+    overrides = submit.group(2).split()
+    job = load_config(ROOT / submit.group(1), overrides)
+    assert job.dist.storage_path.startswith("s3://") and job.data.path.startswith("/data/")
+    assert job.model.backbone.startswith("/models/") and job.dist.scale_up_timeout_s > 0
+
+
+def test_readme_cluster_steps_match_cluster_yaml() -> None:
+    """README's "Clusters" walk-through submits what cluster.yaml's header does, with overrides
+    that load, and names the settings the code reads."""
+    from karma.config import load_config
+
+    section = (ROOT / "README.md").read_text().split("\n## Clusters\n", 1)[1].split("\n## ", 1)[0]
+    submit = re.search(r"python jobs/train.py --config (\S+) \\\n\s+(.+)", section)
+    assert submit, "no submit command in README's Clusters section"
+    header = (ROOT / "cluster.yaml").read_text()
+    assert f"python jobs/train.py --config {submit.group(1)}" in header
+    assert " ".join(submit.group(2).split()) in " ".join(header.split())
+    job = load_config(ROOT / submit.group(1), submit.group(2).split())
+    assert job.dist.storage_path.startswith("s3://")
+    from karma.config import DistConfig
+
+    for name in ("data_cpus", "data_memory_gb", "storage_endpoint", "scale_up_timeout_s"):
+        assert f"dist.{name}" in section and hasattr(DistConfig, name), name
+    for name in ("tracking.tracking_uri", "MLFLOW_TRACKING_URI", "--artifacts-destination", "--num-cpus=0"):
+        assert name in section, name

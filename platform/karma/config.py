@@ -164,7 +164,24 @@ class DistConfig:
     activation_checkpointing: bool = False
     max_failures: int = 2
     keep_checkpoints: int = 2
-    storage_path: str = "runs"  # local folder, or shared storage / s3:// on a cluster
+    # The job's storage root: a local folder, a folder every node mounts, or s3://bucket/prefix
+    # (karma.storage). It carries the prepared data, the item text tables, Ray's checkpoints
+    # and, with a local folder, the default MLflow store.
+    storage_path: str = "runs"
+    # An S3-compatible store's endpoint (MinIO, Ceph, ...), e.g. http://minio.internal:9000;
+    # null = AWS S3. Credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.
+    storage_endpoint: str | None = None
+    # The data preparation task's reservation: CPUs (at least 1, so it never lands on a head
+    # that advertises none) and memory in GB (0 = no reservation; set it near the data task's
+    # peak RSS so the scheduler puts it on a node with room).
+    data_cpus: int = 1
+    data_memory_gb: float = 0.0
+    # Seconds the job waits for an autoscaling cluster to add the nodes its workers and data
+    # task need (it asks the autoscaler for them); 0 = fail at once when they are not there.
+    scale_up_timeout_s: int = 0
+    # How Ray places the training workers: PACK fills a node first (fast collectives); SPREAD /
+    # STRICT_SPREAD put them on different nodes (STRICT: one per node, or wait for nodes).
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     omp_threads: int = 1
     # torch.compile: "decoder" (the backbone's decoder, one graph per shape), "layers" (each decoder
     # layer, one graph shared by all layers), "model" (the whole KarmaModel forward, both branches
@@ -327,6 +344,12 @@ def _validate(cfg: Config) -> Config:
          f"dist.deepcompile: needs the whole model compiled; set dist.compile=model (it is {cfg.dist.compile!r})")
     need(not cfg.dist.deepcompile or cfg.dist.zero_stage >= 1,
          "dist.deepcompile: works with ZeRO stages 1-3; set dist.zero_stage to 1, 2 or 3")
+    _validate_storage(cfg.dist)
+    need(cfg.dist.data_cpus >= 1, f"dist.data_cpus: {cfg.dist.data_cpus} must be at least 1 (the data task's CPUs)")
+    need(cfg.dist.scale_up_timeout_s >= 0,
+         f"dist.scale_up_timeout_s: {cfg.dist.scale_up_timeout_s} must be >= 0 (seconds; 0 = no waiting for nodes)")
+    need(cfg.dist.data_memory_gb >= 0,
+         f"dist.data_memory_gb: {cfg.dist.data_memory_gb:g} must be >= 0 (GB the data task reserves; 0 = none)")
     for key in ("stage3_param_persistence_threshold", "stage3_prefetch_bucket_size", "stage3_max_live_parameters"):
         v = getattr(cfg.dist, key)
         need(v is None or v >= 0, f"dist.{key}: must be >= 0 elements, or null for the per-device default")
@@ -353,6 +376,26 @@ def _validate(cfg: Config) -> Config:
             "data.valid_start / data.test_start: both are required when data.split=time",
         )
     return cfg
+
+
+def _validate_storage(dist: DistConfig) -> None:
+    from urllib.parse import urlparse
+
+    from karma.storage import is_uri
+
+    if is_uri(dist.storage_path):
+        url = urlparse(dist.storage_path)
+        if url.scheme != "s3" or not url.netloc:
+            raise ConfigError(f"dist.storage_path: {dist.storage_path!r} is not supported; give s3://bucket/prefix "
+                              "or a local folder / a folder every node mounts")
+    if dist.storage_endpoint is not None:
+        url = urlparse(dist.storage_endpoint)
+        if url.scheme not in ("http", "https") or not url.netloc:
+            raise ConfigError(f"dist.storage_endpoint: {dist.storage_endpoint!r} is not an endpoint URL; "
+                              "write it as http(s)://host:port, e.g. http://minio.internal:9000")
+        if not is_uri(dist.storage_path):
+            raise ConfigError("dist.storage_endpoint: set, but dist.storage_path is a local folder; make "
+                              "dist.storage_path an s3://bucket/prefix URI or drop the endpoint")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -408,10 +451,13 @@ def _resolve_cache_dir(cfg: Config) -> Config:
     """A relative data.cache_dir, made absolute under dist.storage_path (itself made absolute
     against this process's working directory, as the job's storage root is). Absolute paths,
     `~` expanded, stay: workers that load the config again get the same folder."""
+    from karma.storage import is_uri, node_cache
+
     cache = Path(cfg.data.cache_dir).expanduser()
     if not cache.is_absolute():
         storage = cfg.dist.storage_path
-        base = Path(storage).expanduser() if "://" not in storage else Path()
+        # an object store holds no working folders: then each node keeps its own, in its cache
+        base = Path(storage).expanduser() if not is_uri(storage) else node_cache()
         cache = base.resolve() / cache
     cfg.data.cache_dir = str(cache)
     return cfg

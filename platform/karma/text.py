@@ -194,7 +194,8 @@ def load_text_table(path: str | Path, n_items: int) -> np.ndarray:
         raise FileNotFoundError(
             f"item text table {path} not found. The training job's text task writes it under "
             "<dist.storage_path>/text/ before the workers start, and every worker reads it from there: "
-            "on a cluster dist.storage_path must be a folder all nodes share (a mount, the same path on each)")
+            "on a cluster dist.storage_path must be a folder all nodes share (a mount, the same path on each) "
+            "or an object store (s3://bucket/prefix)")
     emb = np.load(path)
     if emb.ndim != 2 or len(emb) != n_items:
         raise ValueError(f"item text table {path} has shape {emb.shape}, expected [{n_items}, dim] for "

@@ -21,6 +21,7 @@ import ray.train
 import torch
 from safetensors.torch import load_file, save_file
 
+from karma import storage
 from karma.config import from_dict
 from karma.costs import peak_rss_mb
 from karma.data import read_examples
@@ -108,6 +109,14 @@ def _read_data(data_dir: Path) -> TrainData:
                      items=pd.read_parquet(data_dir / "items.parquet"), counts=np.load(data_dir / "counts.npy"))
 
 
+def _local_table(location: str | None, endpoint: str | None) -> str | None:
+    """The text table's path on this node: an object store's table folder through the cache."""
+    if location is None or not storage.is_uri(location):
+        return location
+    folder, name = location.rsplit("/", 1)
+    return str(storage.local_dir(folder, endpoint) / name)
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     """Ray glue around `Trainer`: the engine, resume, a checkpoint and a report after every
     epoch (and every `train.checkpoint_every_steps` steps), MLflow from rank 0; after the last
@@ -121,9 +130,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         set_cpu_threads(cfg.dist.omp_threads)
     if cfg.model.arch == "sasrec" and cfg.dist.compile == "auto":
         cfg.dist.compile = "none"  # auto would pick the decoder on a GPU: SASRec has none
-    data_dir = Path(loop_config["data_dir"])
-    data = _read_data(data_dir)
-    model, tok = build_model(cfg, data.items, log=log, text_table=loop_config["text_table"])
+    # an object store's folders come through this node's cache (one download per node)
+    endpoint = cfg.dist.storage_endpoint
+    data = _read_data(storage.local_dir(loop_config["data_dir"], endpoint))
+    model, tok = build_model(cfg, data.items, log=log, text_table=_local_table(loop_config["text_table"], endpoint))
     _, total = steps_plan(cfg.train, len(data.train), world)
     engine, _, _ = make_engine(model, cfg, world, total)
     trainer = Trainer(DeepSpeedBackend(engine, rank, world), data, tok, cfg, log)
@@ -173,7 +183,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         # checkpointed, the last good checkpoint stays the run's latest, and the driver raises.
         log(str(err))
         if rank == 0:
-            (data_dir.parent / DIVERGED_NOTE).write_text(str(err))
+            storage.write_bytes(loop_config["diverged_note"], str(err).encode(), endpoint)
     finally:
         if tracker is not None:
             tracker.close()  # send what is queued (bounded wait); report what could not be delivered
