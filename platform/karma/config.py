@@ -144,8 +144,12 @@ class TrainConfig:
     ks: list[int] = field(default_factory=lambda: [10, 50, 200])
     log_every: int = 50  # progress line every N steps (0 = quiet)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # Stop early when validation NDCG@10 has not improved for this many epochs (0 = never)
+    # Stop early when validation NDCG@10 has not improved for this many epochs (0 = never),
+    # counted on its trailing mean over early_stop_window epochs (1 = the raw curve) and never
+    # before early_stop_min_epochs (karma.train.early_stop). The best raw epoch is what is tested.
     early_stop_patience: int = 0
+    early_stop_window: int = 1
+    early_stop_min_epochs: int = 0
     # Length-bucketed batches: after the epoch's full shuffle, each run of this many batches is
     # re-cut by history length (so a batch pads to a similar length) and its batches re-shuffled;
     # 0 = plain shuffled batches.
@@ -360,6 +364,9 @@ def _validate(cfg: Config) -> Config:
     need(cfg.train.grad_accum >= 1, "train.grad_accum: must be at least 1")
     need(cfg.train.bucket_batches >= 0, "train.bucket_batches: must be >= 0 (0 = no length bucketing)")
     need(cfg.train.early_stop_patience >= 0, "train.early_stop_patience: must be >= 0 (0 = never stop early)")
+    need(cfg.train.early_stop_window >= 1,
+         "train.early_stop_window: must be >= 1 epochs in the trailing mean (1 = the raw validation curve)")
+    need(cfg.train.early_stop_min_epochs >= 0, "train.early_stop_min_epochs: must be >= 0 (0 = no floor)")
     need(cfg.train.checkpoint_every_steps >= 0,
          "train.checkpoint_every_steps: must be >= 0 (0 = checkpoint at epoch ends only)")
     need(len(cfg.train.ks) > 0 and all(k >= 1 for k in cfg.train.ks), "train.ks: give cut-offs >= 1, e.g. [10, 50, 200]")

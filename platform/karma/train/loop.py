@@ -29,6 +29,7 @@ from karma.progress import Progress
 from karma.batch import prepare_batch
 from karma.step import Gather, NegativeSampler, local_gather
 from karma.train import NonFiniteLoss
+from karma.train.early_stop import StopRule
 
 SELECT_METRIC = "NDCG@10"  # the validation metric early stopping and the best epoch follow
 
@@ -56,7 +57,7 @@ class LoopState:
     best: float = -1.0  # best validation SELECT_METRIC so far
     best_epoch: int = 0
     best_metrics: dict | None = None
-    stale: int = 0  # epochs since the best one
+    stale: int = 0  # epochs since the early-stopping rule last saw a gain (karma.train.early_stop)
     curve: list = field(default_factory=list)  # validation SELECT_METRIC per epoch
 
     @classmethod
@@ -254,11 +255,12 @@ class Trainer:
         # and epoch ends, where the step already waits for the device.
         self._check_every_step = backend.device.type == "cpu"
         self.progress = Progress(self.total_steps, cfg.train.log_every, log)
+        t = cfg.train
+        self.stop_rule = StopRule(t.early_stop_patience, t.early_stop_window, t.early_stop_min_epochs)
 
     @property
     def done(self) -> bool:
-        patience = self.cfg.train.early_stop_patience
-        return self.state.step >= self.total_steps or bool(patience and self.state.stale >= patience)
+        return self.state.step >= self.total_steps or self.stop_rule.should_stop(self.state.curve)
 
     def _train_epoch(self) -> None:
         s, t, b = self.state, self.cfg.train, self.backend
@@ -301,14 +303,13 @@ class Trainer:
                            eval_seconds=time.time() - epoch_start - train_seconds)
             s.curve.append(metrics[SELECT_METRIC])
             if metrics[SELECT_METRIC] > s.best:
-                s.best, s.best_epoch, s.best_metrics, s.stale = metrics[SELECT_METRIC], s.epoch, metrics, 0
+                s.best, s.best_epoch, s.best_metrics = metrics[SELECT_METRIC], s.epoch, metrics
                 self.best_weights = self.backend.weights()  # a collective under ZeRO-3
-            else:
-                s.stale += 1
+            s.stale = self.stop_rule.stale(s.curve)
             self.log(f"epoch {s.epoch}: valid HR@10={metrics['HR@10']:.4f} NDCG@10={metrics['NDCG@10']:.4f} "
                      f"({time.time() - start:.0f}s)")
             if self.done and s.step < self.total_steps:
-                self.log(f"early stop: no {SELECT_METRIC} gain for {s.stale} epochs (best: epoch {s.best_epoch})")
+                self.log(f"early stop after epoch {s.epoch}: {self.stop_rule.describe()} (best: epoch {s.best_epoch})")
             yield metrics
 
     def target_ranks(self, examples: Examples) -> torch.Tensor:
