@@ -1,5 +1,5 @@
 """Grids of tiny-backbone runs on CPU (the fallback when no GPU is at hand), plain loop, Amazon
-Scientific, 3 seeds per arm. Runs a grid (unless --summarize) and prints Markdown tables of test
+Scientific (or MovieLens latest-small), 3 seeds per arm. Runs a grid (unless --summarize) and prints Markdown tables of test
 metrics (mean ± std over seeds): retrieval, its long-tail breakdown, the semantic analyses when
 measured, and each arm's paired difference from the grid's baseline arm.
 
@@ -16,10 +16,15 @@ measured, and each arm's paired difference from the grid's baseline arm.
 - `recipe`: the recipe before the text channel (lr 3e-3), the same three arms.
 - `recipe-wide`: that recipe's lead, action-only and KARMA with a full softmax, a 64-wide model
   and dropout 0.1.
+- `one-recipe-scientific` and `one-recipe-movielens`: the recipe with the early-stopping rule both
+  data sets and SASRec share (configs/karma-scientific.yaml, configs/karma-movielens.yaml: only
+  their data fields differ), arms action-only and KARMA. The recipe-* grids above stopped after 3
+  raw epochs without a gain and pin that.
 - `lr`: SmolLM2's schedule (batch 128, lr 3e-4, 100 warm-up steps, 1,024 negatives, one epoch)
   with the parts KARMA adds to the backbone at 1x, 10x or 30x that learning rate.
 
     python bench/ablation_cpu_tiny.py --data ../shared/data/amazon-scientific [--grid negatives]
+    python bench/ablation_cpu_tiny.py --grid one-recipe-movielens --data ../shared/data/ml-latest-small
     python bench/ablation_cpu_tiny.py --summarize [--grid negatives]
 """
 
@@ -54,6 +59,7 @@ class Grid:
     config: str = "configs/tiny.yaml"
     eval_users: int = 2000  # validation users scored each epoch (0 = all)
     pinned: tuple[str, ...] = ()  # config values of an older recipe, last on the command line
+    source: str = "recbole"  # data.source of the data set the runs read (--data gives its path)
 
     @property
     def out(self) -> Path:
@@ -65,13 +71,16 @@ RECIPE_ARMS = {
     "karma": ("loss.w_gen=0.5", "loss.w_rec=0.5"),
     "text-karma": ("loss.w_gen=0.5", "loss.w_rec=0.5", "model.history_text_items=5")}
 PRE_TEXT_CHANNEL = ("model.text_channel=false", "train.lr=3e-3")
+RAW_PATIENCE_3 = ("train.early_stop_patience=3", "train.early_stop_window=1")  # the stop before the shared rule
+ONE_RECIPE_ARMS = {arm: RECIPE_ARMS[arm] for arm in ("action-only", "karma")}
 
 
-def recipe_grid(folder: str, arms: dict[str, tuple[str, ...]] = RECIPE_ARMS, **kw) -> Grid:
+def recipe_grid(folder: str, arms: dict[str, tuple[str, ...]] = RECIPE_ARMS,
+                config: str = "configs/karma-scientific.yaml", **kw) -> Grid:
     """A grid of the CPU recipe (configs/karma-scientific.yaml): trained to convergence with early
     stopping on all validation users, the semantic analyses on 512 test users."""
-    return Grid(folder, arms, baseline="action-only", epochs=40, analysis_examples=512,
-                config="configs/karma-scientific.yaml", eval_users=0, **kw)
+    return Grid(folder, arms, baseline="action-only", epochs=40, analysis_examples=512, config=config,
+                eval_users=0, **kw)
 
 
 GRIDS = {
@@ -93,18 +102,23 @@ GRIDS = {
         baseline="scale1", epochs=1, analysis_examples=0,
         extra=("train.batch_size=128", "train.lr=3e-4", "train.warmup_steps=100", "loss.n_negatives=1024",
                "train.log_every=0")),
-    "recipe-text": recipe_grid("recipe_text_scientific"),
+    "one-recipe-scientific": recipe_grid("one_recipe_scientific", ONE_RECIPE_ARMS),
+    "one-recipe-movielens": recipe_grid("one_recipe_movielens", ONE_RECIPE_ARMS, source="movielens",
+                                        config="configs/karma-movielens.yaml"),
     # The grids below ran on earlier values of the recipe's config: they pin those values, after
-    # the arguments their committed commands show. This one decoded a quarter of each batch; its
-    # runs wrote to recipe_text_scientific/ and were moved here when the recipe changed.
-    "recipe-text-decode0.25": recipe_grid("recipe_text_decode0.25_scientific", pinned=("loss.decode_fraction=0.25",)),
+    # the arguments their committed commands show.
+    "recipe-text": recipe_grid("recipe_text_scientific", pinned=RAW_PATIENCE_3),
+    # This one decoded a quarter of each batch; its runs wrote to recipe_text_scientific/ and were
+    # moved here when the recipe changed.
+    "recipe-text-decode0.25": recipe_grid("recipe_text_decode0.25_scientific",
+                                          pinned=("loss.decode_fraction=0.25", *RAW_PATIENCE_3)),
     # These two ran before the recipe gained the text channel (and lr 1e-3).
-    "recipe": recipe_grid("recipe_scientific", pinned=PRE_TEXT_CHANNEL),
+    "recipe": recipe_grid("recipe_scientific", pinned=(*PRE_TEXT_CHANNEL, *RAW_PATIENCE_3)),
     # The recipe's lead (one seed so far): a full softmax, a 64-wide model and dropout 0.1.
     "recipe-wide": recipe_grid("recipe_wide_scientific", {arm: RECIPE_ARMS[arm] for arm in ("action-only", "karma")},
                                extra=("loss.negatives=all", "model.tiny_hidden=64", "model.embed_dim=64",
                                       "model.id_dim=64", "model.tiny_intermediate=128", "model.dropout=0.1"),
-                               pinned=PRE_TEXT_CHANNEL),
+                               pinned=(*PRE_TEXT_CHANNEL, *RAW_PATIENCE_3)),
 }
 # (title, section of the result JSON, metrics)
 TABLES = (
@@ -130,7 +144,7 @@ def run(grid: Grid, data: str, jobs: int = 1) -> None:
         for arm, overrides in grid.arms.items():
             heatmap = ["--heatmap", str(heatmap_path(arm))] if grid.heatmaps and seed == 0 else []
             commands.append([sys.executable, "jobs/train_plain.py", "--config", grid.config,
-                             "--out", str(grid.out / f"{arm}-seed{seed}.json"), *heatmap, "data.source=recbole",
+                             "--out", str(grid.out / f"{arm}-seed{seed}.json"), *heatmap, f"data.source={grid.source}",
                              f"data.path={data}", "data.max_history=50", f"train.epochs={grid.epochs}",
                              f"train.eval_max_users={grid.eval_users}",
                              f"train.analysis_examples={grid.analysis_examples}",
@@ -210,7 +224,8 @@ def curve_figure(grid: Grid, path: Path, seed: int = 0, sasrec: Path = RESULTS /
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default="../shared/data/amazon-scientific")
+    ap.add_argument("--data", help="the data set's folder (default: ../shared/data/amazon-scientific, or "
+                                   "../shared/data/ml-latest-small for a MovieLens grid)")
     ap.add_argument("--grid", choices=sorted(GRIDS), default="ablation")
     ap.add_argument("--summarize", action="store_true", help="only print the tables of existing results")
     ap.add_argument("--jobs", type=int, default=1, help="runs at once, one process and torch thread each")
@@ -218,7 +233,9 @@ if __name__ == "__main__":
                                                 "SASRec's beside the arms")
     args = ap.parse_args()
     if not args.summarize:
-        run(GRIDS[args.grid], args.data, args.jobs)
+        grid = GRIDS[args.grid]
+        default = "../shared/data/ml-latest-small" if grid.source == "movielens" else "../shared/data/amazon-scientific"
+        run(grid, args.data or default, args.jobs)
     if args.figure:
         curve_figure(GRIDS[args.grid], args.figure)
     print(summarize(GRIDS[args.grid]))

@@ -1,9 +1,12 @@
-"""The SASRec baseline on Amazon "Industrial and Scientific" (UniSRec preprocessing): the recipe
-in configs/sasrec-scientific.yaml trained with the plain loop for several seeds; test metrics of
-the best-validation-NDCG@10 weights, full ranking over all items, leave-one-out.
+"""The SASRec baseline: a recipe (configs/sasrec-scientific.yaml by default, on Amazon "Industrial
+and Scientific"; configs/sasrec-movielens.yaml on MovieLens latest-small) trained with the plain
+loop for several seeds; test metrics of the best-validation-NDCG@10 weights, full ranking over all
+items, leave-one-out.
 
     python bench/sasrec_scientific.py                          # seeds 0 1 2, one process each
     python bench/sasrec_scientific.py --seeds 0 --jobs 1 train.epochs=20
+    python bench/sasrec_scientific.py --config configs/sasrec-movielens.yaml \
+        --out bench/results/one_recipe_movielens/sasrec.json
 
 Writes bench/results/sasrec_scientific.json: per seed test HR@10 / NDCG@10 / HR@50 / NDCG@50 /
 MRR, epochs run, best epoch, wall time; mean and std over seeds; the reference numbers.
@@ -28,16 +31,27 @@ ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("HR@10", "NDCG@10", "HR@50", "NDCG@50", "HR@200", "MRR")
 # long-tail targets (fewer than 5 training interactions): the breakdown KARMA's text should lift
 TAIL_METRICS = ("tail/n_queries", "tail/HR@10", "tail/HR@50", "tail/HR@200", "tail/NDCG@200", "tail/MRR")
-# Plain SASRec (2 blocks, hidden 64, CE over all items, early stopping on validation NDCG@10),
-# test split, 3 seeds; and the SASRec row of UniSRec's paper (Hou et al., KDD 2022, Table 3).
+# Published SASRec figures per data set, to compare with: on Scientific, plain SASRec (2 blocks,
+# hidden 64, CE over all items, early stopping on validation NDCG@10), test split, 3 seeds; and the
+# SASRec row of UniSRec's paper (Hou et al., KDD 2022, Table 3). None for MovieLens latest-small.
 REFERENCE = {
-    "sasrec_reference_3_seeds": {"HR@10": 0.0995, "NDCG@10": 0.0552},
-    "unisrec_paper_sasrec": {"HR@10": 0.1080, "NDCG@10": 0.0553},
+    "Scientific": {
+        "sasrec_reference_3_seeds": {"HR@10": 0.0995, "NDCG@10": 0.0552},
+        "unisrec_paper_sasrec": {"HR@10": 0.1080, "NDCG@10": 0.0553},
+    },
 }
 
-# How the recipe's one tuned value was chosen (validation only; seed 0, everything else as in the config)
-TUNING = ("model.sasrec_dropout picked by best validation NDCG@10 on seed 0: "
-          "0.2 -> 0.0598, 0.3 -> 0.0603, 0.4 -> 0.0617, 0.5 -> 0.0598")
+# How each recipe's one tuned value was chosen (validation only; seed 0, everything else as in the config)
+TUNING = {
+    "configs/sasrec-scientific.yaml": "model.sasrec_dropout picked by best validation NDCG@10 on seed 0: "
+                                      "0.2 -> 0.0598, 0.3 -> 0.0603, 0.4 -> 0.0617, 0.5 -> 0.0598",
+    "configs/sasrec-movielens.yaml": "model.sasrec_dropout picked by best validation NDCG@10 on seed 0: "
+                                     "bench/results/one_recipe_movielens/sasrec_dropout/",
+}
+
+
+def data_set(cfg) -> str:
+    return cfg.data.name if cfg.data.source == "recbole" else f"{cfg.data.source}:{Path(cfg.data.path or '').name}"
 
 
 def run_seed(config: str, overrides: list[str], seed: int, threads: int) -> dict:
@@ -101,15 +115,21 @@ def main(argv: list[str] | None = None) -> int:
     for k in METRICS + TAIL_METRICS:
         vals = np.array([r["test"][k] for r in runs])
         summary[k] = {"mean": float(vals.mean()), "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0}
+    reference = REFERENCE.get(data_set(cfg), {})
     vs_reference = {
-        name: {k: round(summary[k]["mean"] / ref[k] - 1, 4) for k in ref} for name, ref in REFERENCE.items()
+        name: {k: round(summary[k]["mean"] / ref[k] - 1, 4) for k in ref} for name, ref in reference.items()
     }
     import torch
 
+    from karma.train.early_stop import StopRule
+
+    t = cfg.train
+    config = os.path.relpath(args.config, ROOT) if Path(args.config).is_absolute() else args.config
     out = {
         "what": "SASRec baseline (model.arch=sasrec), test split, full ranking over all items",
         "command": "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, ROOT), *(argv or sys.argv[1:])]),
-        "config": os.path.relpath(args.config, ROOT) if Path(args.config).is_absolute() else args.config,
+        "config": config,
+        "data_set": data_set(cfg),
         "config_resolved": {s: getattr(cfg, s).__dict__ for s in ("data", "model", "train")},
         "protocol": {
             "split": "leave-one-out: last item -> test, second-to-last -> valid, earlier prefixes -> train",
@@ -117,14 +137,14 @@ def main(argv: list[str] | None = None) -> int:
             "history_items_masked": False,
             "ties": "HR/NDCG from a faiss flat inner-product top-k; MRR from exact ranks, pessimistic on ties",
             "model_selection": "weights of the epoch with the best validation NDCG@10 (all validation users); "
-                               f"early stop after {cfg.train.early_stop_patience} epochs without a gain",
+                               + StopRule(t.early_stop_patience, t.early_stop_window, t.early_stop_min_epochs).describe(),
             "std": "sample standard deviation over seeds (ddof=1)",
         },
         "seeds": args.seeds,
         "per_seed": runs,
         "mean_std": summary,
-        "reference": REFERENCE,
-        "tuning": TUNING,
+        "reference": reference,
+        "tuning": TUNING.get(config, "none recorded for this config"),
         "relative_to_reference": vs_reference,
         "wall_s_total": round(total, 1),
         "parallel_processes": min(args.jobs, len(jobs)),
@@ -143,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{t['MRR']:8.4f} {r['epochs_run']:>7} {r['wall_s']:>7.0f}")
     print(f"{'mean':>6} " + " ".join(f"{summary[k]['mean']:8.4f}" for k in METRICS))
     print(f"{'std':>6} " + " ".join(f"{summary[k]['std']:8.4f}" for k in METRICS))
-    for name, ref in REFERENCE.items():
+    for name, ref in reference.items():
         print(f"vs {name}: " + ", ".join(f"{k} {vs_reference[name][k]:+.1%}" for k in ref))
     print(f"wrote {args.out} ({total:.0f}s)")
     return 0

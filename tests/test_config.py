@@ -10,7 +10,8 @@ def test_defaults_are_the_embedded_default():
     assert cfg.dist.zero_stage == 2 and cfg.dist.precision == "bf16"
 
 
-@pytest.mark.parametrize("name", ["tiny.yaml", "smollm2.yaml", "qwen0.5b-gpu.yaml"])
+@pytest.mark.parametrize("name", ["tiny.yaml", "smollm2.yaml", "qwen0.5b-gpu.yaml", "karma-scientific.yaml",
+                                  "sasrec-scientific.yaml", "karma-movielens.yaml", "sasrec-movielens.yaml"])
 def test_shipped_configs_load(name):
     assert isinstance(load_config(ROOT / "configs" / name), Config)
 
@@ -88,3 +89,15 @@ def test_override_into_a_section_left_empty_in_yaml(tmp_path):
     f.write_text("train:\nloss:\n  w_gen: 0.1\n")
     cfg = load_config(f, ["train.lr=0.5"])
     assert cfg.train.lr == 0.5 and cfg.loss.w_gen == 0.1
+
+
+@pytest.mark.parametrize("model", ["karma", "sasrec"])
+def test_one_recipe_per_model_whatever_the_data(model):
+    """A recipe's per-data-set configs differ only in their data fields (and run names): what
+    carries to a user's own data is the rest, unchanged."""
+    sci = load_config(ROOT / "configs" / f"{model}-scientific.yaml")
+    ml = load_config(ROOT / "configs" / f"{model}-movielens.yaml")
+    for section in ("model", "loss", "train", "dist"):
+        assert getattr(sci, section) == getattr(ml, section), section
+    assert (sci.data.source, ml.data.source) == ("recbole", "movielens")
+    assert sci.data.max_history == ml.data.max_history
