@@ -101,7 +101,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from karma.config import load_config
 
+    from karma.provenance import provenance
+
     cfg = load_config(args.config, args.overrides)  # fail on a bad key before any work
+    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, ROOT), *(argv or sys.argv[1:])])
+    prov = provenance(cfg, command)  # before the runs: the commit and data they read
     start = time.time()
     jobs = [(args.config, args.overrides, s, args.threads) for s in args.seeds]
     if args.jobs > 1 and len(jobs) > 1:
@@ -127,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     config = os.path.relpath(args.config, ROOT) if Path(args.config).is_absolute() else args.config
     out = {
         "what": "SASRec baseline (model.arch=sasrec), test split, full ranking over all items",
-        "command": "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, ROOT), *(argv or sys.argv[1:])]),
+        "command": command,
         "config": config,
         "data_set": data_set(cfg),
         "config_resolved": {s: getattr(cfg, s).__dict__ for s in ("data", "model", "train")},
@@ -153,9 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                  "torch": torch.__version__},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    from karma.provenance import provenance
-
-    args.out.write_text(json.dumps({**out, "provenance": provenance(cfg, out["command"])}, indent=2) + "\n")
+    args.out.write_text(json.dumps({**out, "provenance": prov}, indent=2) + "\n")
     print(f"{'seed':>6} {'HR@10':>8} {'NDCG@10':>8} {'HR@50':>8} {'NDCG@50':>8} {'MRR':>8} {'epochs':>7} {'wall_s':>7}")
     for r in runs:
         t = r["test"]

@@ -102,6 +102,8 @@ def train_plain(argv: list[str] | None = None) -> int:
         from karma.train.plain import train_plain as run_plain
 
         cfg = load_config(args.config, args.overrides)
+        command = "python " + " ".join(sys.argv)
+        prov = provenance(cfg, command)  # before training: the commit and data that this run read
         result = run_plain(cfg)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
@@ -112,12 +114,12 @@ def train_plain(argv: list[str] | None = None) -> int:
     except NonFiniteLoss as err:
         print(f"training diverged: {err}", file=sys.stderr)
         return 3
-    summary = {"command": "python " + " ".join(sys.argv), **{k: result[k] for k in SUMMARY_KEYS if k in result}}
+    summary = {"command": command, **{k: result[k] for k in SUMMARY_KEYS if k in result}}
     if args.heatmap:
         summary["heatmap"] = write_heatmap(result, cfg, args.heatmap)
     print(json.dumps(summary, indent=2))
     if args.out:
-        Path(args.out).write_text(json.dumps({**summary, "provenance": provenance(cfg, summary["command"])}, indent=2))
+        Path(args.out).write_text(json.dumps({**summary, "provenance": prov}, indent=2))
     return 0
 
 
