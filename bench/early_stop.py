@@ -29,7 +29,8 @@ sys.path.insert(0, str(ROOT / "platform"))
 from karma.train.early_stop import StopRule  # noqa: E402
 
 DEFAULT_CURVES = ("bench/results/sasrec_scientific.json", "bench/results/recipe_text_scientific/*.json",
-                  "bench/results/one_recipe_*/*.json", "bench/results/one_recipe_*/sasrec_dropout/*.json")
+                  "bench/results/one_recipe_*/*.json", "bench/results/one_recipe_*/sasrec_dropout/*.json",
+                  "bench/results/one_recipe_*/probes/*.json")
 RULES = {"raw, patience 3": StopRule(3), "raw, patience 10": StopRule(10),
          "3-epoch mean, patience 5": StopRule(5, window=3)}
 
