@@ -26,6 +26,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "platform"))
 
+from karma.provenance import provenance  # noqa: E402
 from karma.train.early_stop import StopRule  # noqa: E402
 
 DEFAULT_CURVES = ("bench/results/sasrec_scientific.json", "bench/results/recipe_text_scientific/*.json",
@@ -77,8 +78,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['curve']} | {r['epochs_recorded']} | {r['best']:.4f} ({r['best_epoch']}) | {r['noise']:.4f} | "
               + " | ".join(cells) + " |")
     command = "python " + " ".join(shlex.quote(a) for a in ["bench/early_stop.py", *(argv or sys.argv[1:])])
-    args.out.write_text(json.dumps({"command": command, "rules": {k: vars(v) for k, v in RULES.items()},
-                                    "rows": rows}, indent=2) + "\n")
+    rules = {k: vars(v) for k, v in RULES.items()}
+    args.out.write_text(json.dumps({"command": command, "rules": rules, "rows": rows,
+                                    "provenance": provenance({"rules": rules, "curves": args.curves}, command)},
+                                   indent=2) + "\n")
     return 0
 
 
