@@ -39,6 +39,10 @@ def test_overrides_parse_types():
     (["data.source=recbole"], "data.path: required"),
     (["data.split=time"], "data.valid_start / data.test_start"),
     (["model.lora=maybe"], "model.lora: expected true or false"),
+    (["model.id_shrinkage=-1"], "model.id_shrinkage: must be >= 0"),
+    (["model.id_shrinkage=2"], "model.id_shrinkage: weighs the learned half against the text channel"),
+    (["model.rec_input=learned"], "model.rec_input=learned: the learned half exists only with the text channel"),
+    (["model.rec_input=half"], "model.rec_input"),
     (["train.lr"], "write it as section.key=value"),
     # NDCG@10 selects the best epoch: without K=10 training would crash after its first epoch.
     (["train.ks=[5,20]"], "train.ks: [5, 20] lacks 10; validation NDCG@10 picks the best epoch and drives early "

@@ -222,3 +222,41 @@ def test_text_channel_exports_and_serves_the_same(text_channel, items, tmp_path)
     model, tok, cfg = text_channel
     model.eval()
     assert_export_matches(model, tok, cfg, items, tmp_path / "export")
+
+
+def test_id_shrinkage_leans_rare_items_on_their_text(items, cache_dir, tmp_path):
+    """model.id_shrinkage=k: an item's learned half is weighed by n / (n + k). An item never seen
+    in training is its text alone; a frequent one is near [e ; t] / sqrt 2; every row stays
+    unit length; the weights travel with the export; and the counts are required."""
+    cfg = tiny_cfg(cache_dir, "model.text_channel=true", "model.id_shrinkage=2")
+    counts = np.zeros(len(items), np.int64)
+    counts[1], counts[2] = 2, 10_000
+    model, tok = build_model(cfg, items, log=None, counts=counts)
+    model.eval()
+    d = model.cfg.embed_dim
+    with torch.no_grad():
+        table = model.item_embeddings()
+    assert torch.allclose(table.norm(dim=-1), torch.ones(len(items)), atol=1e-5)
+    text = model.items.text_emb
+    assert torch.allclose(table[0], torch.cat([torch.zeros(d), text[0]]), atol=1e-6)  # unseen: text alone
+    c = 2 / (2 + 2)  # n = k: the learned half at half weight
+    assert torch.allclose(table[1, d:], text[1] / math.sqrt(c * c + 1), atol=1e-6)
+    assert torch.allclose(table[2, d:] * 2 ** 0.5, text[2], atol=1e-3)  # frequent: the plain channel
+    assert_export_matches(model, tok, cfg, items, tmp_path / "export")
+    with pytest.raises(ValueError, match="id_shrinkage needs the training count"):
+        build_model(cfg, items, log=None)
+
+
+def test_reconstruction_can_read_the_learned_half_alone(items, cache_dir):
+    """model.rec_input=learned: reconstruction decodes from the learned half of z, so the text
+    channel's half (the pointer) gets no gradient from it, while the learned half does."""
+    cfg = tiny_cfg(cache_dir, "model.text_channel=true", "model.rec_input=learned")
+    model, tok = build_model(cfg, items, log=None)
+    assert model.rec_proj.in_features == model.cfg.embed_dim
+    batch = make_batch(model, tok)
+    out = model(batch, rec_rows=4)
+    z = out["z"]
+    z.retain_grad()
+    torch.nn.functional.cross_entropy(out["rec_logits"], out["rec_labels"], ignore_index=-100).backward()
+    assert z.grad[..., : model.cfg.embed_dim].abs().sum() > 0
+    assert z.grad[..., model.cfg.embed_dim:].abs().sum() == 0

@@ -74,8 +74,17 @@ class ModelConfig:
     # Train only: the share of item occurrences whose ID part is dropped, so the item's text
     # alone must place it (what a rarely seen item has at test time).
     id_dropout: float = 0.0
+    # With the text channel: trust an item's learned half in proportion to its training data.
+    # An item is [c(i) e(i) ; t(i)] / sqrt(c(i)^2 + 1) with c(i) = n(i) / (n(i) + k), n(i) its
+    # training-target count and k this value; 0 = off (c = 1). A rarely seen item's ID has learned
+    # little, so its score leans on its text, which is what places the long tail.
+    id_shrinkage: float = 0.0
     head_reduce: Literal["max", "mixture"] = "max"
     rec_soft_tokens: int = 4  # k soft tokens P_rec(z) for reconstruction
+    # What the reconstruction branch decodes the target's text from: "z", the whole query; or
+    # "learned", its learned half alone (with the text channel), so the branch shapes what the
+    # backbone learns instead of rewarding the pointer for copying the history's text.
+    rec_input: Literal["z", "learned"] = "z"
     # Dropout on the item tokens entering the backbone and inside its attention (train only).
     dropout: float = 0.0
     # Dropout on each backbone layer's attention and MLP outputs before they join the residual
@@ -332,6 +341,12 @@ def _validate(cfg: Config) -> Config:
          "to the number of history titles to show (e.g. 5)")
     need(0 <= cfg.model.id_dropout < 1, "model.id_dropout: must be in [0, 1)")
     need(0 <= cfg.model.resid_dropout < 1, "model.resid_dropout: must be in [0, 1)")
+    need(cfg.model.id_shrinkage >= 0, "model.id_shrinkage: must be >= 0 (0 = off)")
+    need(cfg.model.id_shrinkage == 0 or cfg.model.text_channel,
+         "model.id_shrinkage: weighs the learned half against the text channel; set model.text_channel=true")
+    need(cfg.model.rec_input == "z" or cfg.model.text_channel,
+         "model.rec_input=learned: the learned half exists only with the text channel; set model.text_channel=true "
+         "or model.rec_input=z")
     need(not cfg.model.text_channel or cfg.data.text_encoder != "none",
          "model.text_channel: needs item text embeddings; set data.text_encoder=minilm")
     need(not cfg.model.text_channel or cfg.model.history_item_tokens,

@@ -21,13 +21,14 @@ def image_matrix(items: pd.DataFrame) -> torch.Tensor | None:
 
 
 def build_model(cfg: Config, items: pd.DataFrame, log=print, seed: int | None = None,
-                text_table: str | Path | None = None) -> tuple[KarmaModel, Tokenizer]:
+                text_table: str | Path | None = None, counts: np.ndarray | None = None) -> tuple[KarmaModel, Tokenizer]:
     """A fresh KARMA model (pretrained backbone where configured) and its tokenizer; with
     model.arch=sasrec the ID-only SASRec baseline and a tokenizer stand-in (it reads no text).
 
     The frozen item text embeddings come from `text_table` when given (the table the Ray job's
     text task stored; loaded, never recomputed, so a missing file is an error), else they are
-    computed once into `data.cache_dir` and reused (the plain run, tests, benchmarks)."""
+    computed once into `data.cache_dir` and reused (the plain run, tests, benchmarks). `counts`
+    (each item's training-target count) is what model.id_shrinkage weighs the learned half by."""
     torch.manual_seed(cfg.train.seed if seed is None else seed)
     if cfg.model.arch == "sasrec":
         from karma.sasrec import IdOnlyTokenizer, SASRec
@@ -48,5 +49,6 @@ def build_model(cfg: Config, items: pd.DataFrame, log=print, seed: int | None = 
         pad_id=tok.pad_id, prompts=Prompts.from_tokenizer(tok),
         text_emb=None if text_emb is None else torch.from_numpy(text_emb),
         image_emb=image_matrix(items), tau_init=cfg.loss.tau_init, learn_tau=cfg.loss.learn_tau,
+        item_counts=None if counts is None else torch.as_tensor(np.asarray(counts)),
     )
     return model, tok

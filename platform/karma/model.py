@@ -151,7 +151,8 @@ class Prompts:
 class KarmaModel(nn.Module):
     def __init__(self, cfg: ModelConfig, backbone: nn.Module, n_items: int, item_tokens: torch.Tensor,
                  item_token_len: torch.Tensor, pad_id: int, prompts: Prompts, text_emb: torch.Tensor | None = None,
-                 image_emb: torch.Tensor | None = None, tau_init: float = 0.07, learn_tau: bool = True):
+                 image_emb: torch.Tensor | None = None, tau_init: float = 0.07, learn_tau: bool = True,
+                 item_counts: torch.Tensor | None = None):
         super().__init__()
         self.cfg = cfg
         self.backbone = backbone
@@ -169,8 +170,15 @@ class KarmaModel(nn.Module):
             raise ValueError("model.text_channel needs item text embeddings: set data.text_encoder=minilm")
         self.pointer = TextPointer(hidden, cfg.embed_dim) if cfg.text_channel else None
         self.item_head = linear(hidden, cfg.embed_dim)
+        if cfg.id_shrinkage > 0:
+            if item_counts is None or len(item_counts) != n_items:
+                raise ValueError("model.id_shrinkage needs the training count of every item (item_counts)")
+            n = item_counts.float()
+            # c(i) = n / (n + k), saved with the weights: the counts are the training split's
+            self.register_buffer("item_trust", n / (n + cfg.id_shrinkage))
         self.mix_head = linear(hidden, cfg.n_interest) if cfg.head_reduce == "mixture" else None
-        self.rec_proj = linear(self.retrieval_dim, cfg.rec_soft_tokens * hidden)
+        rec_in = cfg.embed_dim if cfg.rec_input == "learned" else self.retrieval_dim
+        self.rec_proj = linear(rec_in, cfg.rec_soft_tokens * hidden)
         self.token_drop = nn.Dropout(cfg.dropout)
         self.temperature = Temperature(tau_init, learn_tau)
         self.register_buffer("item_tokens", item_tokens.long())  # [N, T] target text, EOS, padding
@@ -206,7 +214,8 @@ class KarmaModel(nn.Module):
 
     def item_embeddings(self, ids: torch.Tensor | None = None) -> torch.Tensor:
         """The item tower e_out(i) = normalize(W_o e_in(i)), with the text channel
-        [e_out(i) ; t(i)] / sqrt 2 (unit length too); all items when ids is None."""
+        [e_out(i) ; t(i)] / sqrt 2 (unit length too), or with model.id_shrinkage
+        [c(i) e_out(i) ; t(i)] / sqrt(c(i)^2 + 1); all items when ids is None."""
         if ids is None:
             n, device = self.n_items, self.item_tokens.device
             if n > ITEM_CHUNK and not torch.is_grad_enabled():
@@ -220,7 +229,11 @@ class KarmaModel(nn.Module):
         e = F.normalize(self.item_head(self.items(ids)).float(), dim=-1)
         if self.pointer is None:
             return e
-        return torch.cat([e, self.items.text_emb[ids].float()], dim=-1) / math.sqrt(2.0)
+        t = self.items.text_emb[ids].float()
+        if self.cfg.id_shrinkage > 0:
+            c = self.item_trust[ids].unsqueeze(-1)
+            return torch.cat([c * e, t], dim=-1) / torch.sqrt(c * c + 1)
+        return torch.cat([e, t], dim=-1) / math.sqrt(2.0)
 
     def _text_part(self, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Embeddings and mask of `[next item:] [target text]`, and the labels [B, T] of the
@@ -356,10 +369,14 @@ class KarmaModel(nn.Module):
                 "n_tokens": full_mask.sum()}
 
     def _rec_prefix(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[describe the item:] [P_rec(z)]: the embedding alone, no history. Uses head 0."""
+        """[describe the item:] [P_rec(z)]: the embedding alone, no history. Uses head 0 (its
+        learned half, re-normalised, with model.rec_input=learned)."""
         b = z.shape[0]
         instr = self.embed_tokens(self.rec_prompt_ids).unsqueeze(0).expand(b, -1, -1)
-        soft = self.rec_proj(z[:, 0].to(self.rec_proj.weight.dtype)).view(b, self.cfg.rec_soft_tokens, self.hidden)
+        z0 = z[:, 0]
+        if self.cfg.rec_input == "learned":
+            z0 = F.normalize(z0[:, : self.cfg.embed_dim].float(), dim=-1)
+        soft = self.rec_proj(z0.to(self.rec_proj.weight.dtype)).view(b, self.cfg.rec_soft_tokens, self.hidden)
         embeds = torch.cat([instr, soft.to(instr.dtype)], dim=1)
         return embeds, torch.ones(embeds.shape[:2], dtype=torch.bool, device=z.device)
 

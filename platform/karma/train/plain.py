@@ -32,7 +32,7 @@ def train_plain(cfg: Config, log=print) -> dict:
     prep = prepare(cfg.data, log)
     data = TrainData(train=prep.split.train, valid=validation_subset(prep.split.valid, cfg.train.eval_max_users),
                      test=prep.split.test, items=prep.data.items, counts=prep.counts)
-    model, tok = build_model(cfg, prep.data.items, log=log)
+    model, tok = build_model(cfg, prep.data.items, log=log, counts=prep.counts)
     _, total = steps_plan(cfg.train, len(data.train))
     trainer = Trainer(PlainBackend(model, cfg.train, total, device), data, tok, cfg, log)
     result = {"popularity": popularity_metrics(prep.counts, data.valid, cfg.train.ks),

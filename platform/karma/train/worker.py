@@ -133,7 +133,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # an object store's folders come through this node's cache (one download per node)
     endpoint = cfg.dist.storage_endpoint
     data = _read_data(storage.local_dir(loop_config["data_dir"], endpoint))
-    model, tok = build_model(cfg, data.items, log=log, text_table=_local_table(loop_config["text_table"], endpoint))
+    model, tok = build_model(cfg, data.items, log=log, text_table=_local_table(loop_config["text_table"], endpoint),
+                             counts=data.counts)
     _, total = steps_plan(cfg.train, len(data.train), world)
     engine, _, _ = make_engine(model, cfg, world, total)
     trainer = Trainer(DeepSpeedBackend(engine, rank, world), data, tok, cfg, log)
