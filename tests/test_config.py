@@ -43,6 +43,8 @@ def test_overrides_parse_types():
     (["model.id_shrinkage=2"], "model.id_shrinkage: weighs the learned half against the text channel"),
     (["model.rec_input=learned"], "model.rec_input=learned: the learned half exists only with the text channel"),
     (["model.rec_input=half"], "model.rec_input"),
+    (["model.query_text_scale=0"], "model.query_text_scale: must be > 0"),
+    (["model.query_text_scale=2"], "model.query_text_scale: scales the text channel's half"),
     (["train.lr"], "write it as section.key=value"),
     # NDCG@10 selects the best epoch: without K=10 training would crash after its first epoch.
     (["train.ks=[5,20]"], "train.ks: [5, 20] lacks 10; validation NDCG@10 picks the best epoch and drives early "

@@ -225,9 +225,10 @@ def test_text_channel_exports_and_serves_the_same(text_channel, items, tmp_path)
 
 
 def test_id_shrinkage_leans_rare_items_on_their_text(items, cache_dir, tmp_path):
-    """model.id_shrinkage=k: an item's learned half is weighed by n / (n + k). An item never seen
-    in training is its text alone; a frequent one is near [e ; t] / sqrt 2; every row stays
-    unit length; the weights travel with the export; and the counts are required."""
+    """model.id_shrinkage=k, when retrieving: an item's learned half is weighed by n / (n + k). An
+    item never seen in training is its text alone; a frequent one is near [e ; t] / sqrt 2; every
+    row stays unit length; the weights travel with the export; the counts are required; and
+    training still sees the plain channel."""
     cfg = tiny_cfg(cache_dir, "model.text_channel=true", "model.id_shrinkage=2")
     counts = np.zeros(len(items), np.int64)
     counts[1], counts[2] = 2, 10_000
@@ -243,6 +244,9 @@ def test_id_shrinkage_leans_rare_items_on_their_text(items, cache_dir, tmp_path)
     assert torch.allclose(table[1, d:], text[1] / math.sqrt(c * c + 1), atol=1e-6)
     assert torch.allclose(table[2, d:] * 2 ** 0.5, text[2], atol=1e-3)  # frequent: the plain channel
     assert_export_matches(model, tok, cfg, items, tmp_path / "export")
+    model.train()
+    with torch.no_grad():
+        assert torch.allclose(model.item_embeddings()[0, d:] * 2 ** 0.5, text[0], atol=1e-6)
     with pytest.raises(ValueError, match="id_shrinkage needs the training count"):
         build_model(cfg, items, log=None)
 
@@ -260,3 +264,24 @@ def test_reconstruction_can_read_the_learned_half_alone(items, cache_dir):
     torch.nn.functional.cross_entropy(out["rec_logits"], out["rec_labels"], ignore_index=-100).backward()
     assert z.grad[..., : model.cfg.embed_dim].abs().sum() > 0
     assert z.grad[..., model.cfg.embed_dim:].abs().sum() == 0
+
+
+def test_query_text_scale_weighs_the_text_half_when_retrieving(items, cache_dir):
+    """model.query_text_scale: the query's text half is scaled before the final normalisation,
+    when retrieving only; the learned half keeps its direction."""
+    base = tiny_cfg(cache_dir, "model.text_channel=true")
+    model, tok = build_model(base, items, log=None)
+    batch = make_batch(model, tok)
+    d = model.cfg.embed_dim
+    model.eval()
+    with torch.no_grad():
+        z1 = model.interests(batch)["z"]
+        model.cfg.query_text_scale = 3.0
+        z3 = model.interests(batch)["z"]
+        model.train()
+        z_train = model.interests(batch)["z"]
+    ratio = lambda z: z[..., d:].norm(dim=-1) / z[..., :d].norm(dim=-1)
+    assert torch.allclose(ratio(z3), 3 * ratio(z1), rtol=1e-4)
+    assert torch.allclose(torch.nn.functional.normalize(z3[..., :d], dim=-1),
+                          torch.nn.functional.normalize(z1[..., :d], dim=-1), atol=1e-5)
+    assert torch.allclose(z_train, z1, atol=1e-5)  # dropout is 0 here: train mode is the plain query

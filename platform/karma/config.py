@@ -74,11 +74,14 @@ class ModelConfig:
     # Train only: the share of item occurrences whose ID part is dropped, so the item's text
     # alone must place it (what a rarely seen item has at test time).
     id_dropout: float = 0.0
-    # With the text channel: trust an item's learned half in proportion to its training data.
-    # An item is [c(i) e(i) ; t(i)] / sqrt(c(i)^2 + 1) with c(i) = n(i) / (n(i) + k), n(i) its
-    # training-target count and k this value; 0 = off (c = 1). A rarely seen item's ID has learned
-    # little, so its score leans on its text, which is what places the long tail.
+    # Retrieval only (eval mode: ranking, export, serving; training learns the plain channel).
+    # id_shrinkage = k trusts an item's learned half in proportion to its training data: an item is
+    # [c(i) e(i) ; t(i)] / sqrt(c(i)^2 + 1), c(i) = n(i) / (n(i) + k), n(i) its training-target
+    # count; 0 = off. query_text_scale multiplies the query's text half (g) by this; 1 = as
+    # trained. Both move weight to the text, which is what places rarely seen items (the long
+    # tail); bench/tail_knobs.py picks them on validation.
     id_shrinkage: float = 0.0
+    query_text_scale: float = 1.0
     head_reduce: Literal["max", "mixture"] = "max"
     rec_soft_tokens: int = 4  # k soft tokens P_rec(z) for reconstruction
     # What the reconstruction branch decodes the target's text from: "z", the whole query; or
@@ -344,6 +347,9 @@ def _validate(cfg: Config) -> Config:
     need(cfg.model.id_shrinkage >= 0, "model.id_shrinkage: must be >= 0 (0 = off)")
     need(cfg.model.id_shrinkage == 0 or cfg.model.text_channel,
          "model.id_shrinkage: weighs the learned half against the text channel; set model.text_channel=true")
+    need(cfg.model.query_text_scale > 0, "model.query_text_scale: must be > 0 (1 = the query as trained)")
+    need(cfg.model.query_text_scale == 1 or cfg.model.text_channel,
+         "model.query_text_scale: scales the text channel's half of the query; set model.text_channel=true")
     need(cfg.model.rec_input == "z" or cfg.model.text_channel,
          "model.rec_input=learned: the learned half exists only with the text channel; set model.text_channel=true "
          "or model.rec_input=z")

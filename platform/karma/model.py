@@ -214,8 +214,8 @@ class KarmaModel(nn.Module):
 
     def item_embeddings(self, ids: torch.Tensor | None = None) -> torch.Tensor:
         """The item tower e_out(i) = normalize(W_o e_in(i)), with the text channel
-        [e_out(i) ; t(i)] / sqrt 2 (unit length too), or with model.id_shrinkage
-        [c(i) e_out(i) ; t(i)] / sqrt(c(i)^2 + 1); all items when ids is None."""
+        [e_out(i) ; t(i)] / sqrt 2 (unit length too), or when retrieving (eval mode) with
+        model.id_shrinkage [c(i) e_out(i) ; t(i)] / sqrt(c(i)^2 + 1); all items when ids is None."""
         if ids is None:
             n, device = self.n_items, self.item_tokens.device
             if n > ITEM_CHUNK and not torch.is_grad_enabled():
@@ -230,7 +230,7 @@ class KarmaModel(nn.Module):
         if self.pointer is None:
             return e
         t = self.items.text_emb[ids].float()
-        if self.cfg.id_shrinkage > 0:
+        if self.cfg.id_shrinkage > 0 and not self.training:
             c = self.item_trust[ids].unsqueeze(-1)
             return torch.cat([c * e, t], dim=-1) / torch.sqrt(c * c + 1)
         return torch.cat([e, t], dim=-1) / math.sqrt(2.0)
@@ -299,6 +299,8 @@ class KarmaModel(nn.Module):
             hist, hmask = batch["history"], batch["history_mask"]
             h_hist = hidden[:, n_prefix - h - hist.shape[1] : n_prefix - h]
             t = self.pointer(h_int, h_hist, hmask, self.items.text_emb[hist])
+            if self.cfg.query_text_scale != 1 and not self.training:
+                t = t * self.cfg.query_text_scale  # retrieval only: more weight on the text half
             z = F.normalize(torch.cat([z, t], dim=-1), dim=-1)
         mix = self.mix_head(h_int[:, 0].to(self.mix_head.weight.dtype)).float() if self.mix_head is not None else None
         return z, mix
