@@ -24,6 +24,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from itertools import product
 from pathlib import Path
 
@@ -45,6 +46,7 @@ def run_seed(config: str, seed: int, overrides: list[str]) -> dict:
 
     from karma.config import load_config
     from karma.evaluate import retrieval_metrics
+    from karma.model import item_trust
     from karma.provenance import provenance
     from karma.train.plain import train_plain
 
@@ -53,13 +55,13 @@ def run_seed(config: str, seed: int, overrides: list[str]) -> dict:
     prov = provenance(cfg)
     res = train_plain(cfg)
     model, tok, prep = res["model"], res["tokenizer"], res["prepared"]
-    counts = torch.as_tensor(prep.counts, dtype=torch.float32)
+    counts = torch.as_tensor(prep.counts)
     model.eval()
     grid = {}
     for k, scale in product(SHRINKAGE, TEXT_SCALE):
         model.cfg = dataclasses.replace(model.cfg, id_shrinkage=k, query_text_scale=scale)
         if k > 0:
-            model.register_buffer("item_trust", counts / (counts + k))
+            model.register_buffer("item_trust", item_trust(counts, k))
         grid[knob_key(k, scale)] = {
             split: {m: v for m, v in retrieval_metrics(model, getattr(prep.split, split), tok, cfg.data.max_history,
                                                        torch.device("cpu"), (10, 50, 200), prep.counts).items()
@@ -95,20 +97,20 @@ def main() -> None:
         args.out.write_text(json.dumps(run_seed(args.config, args.one_seed, args.overrides), indent=1))
         return
     command = "python bench/tail_knobs.py " + shlex.join(sys.argv[1:])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with tempfile.TemporaryDirectory() as tmp:
-        procs, outs = [], []
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        pending = list(args.seeds)
-        while pending or procs:
-            while pending and len(procs) < max(1, args.jobs):
-                seed = pending.pop(0)
-                out = Path(tmp) / f"seed{seed}.json"
-                outs.append(out)
-                procs.append(subprocess.Popen([sys.executable, __file__, "--config", args.config, "--one-seed",
-                                               str(seed), "--out", str(out), *args.overrides], cwd=ROOT, env=env))
-            done = procs.pop(0)
-            if done.wait() != 0:
-                raise SystemExit(f"a seed's run failed (exit {done.returncode}); nothing written")
+        outs = [Path(tmp) / f"seed{seed}.json" for seed in args.seeds]
+
+        def run(seed_out: tuple[int, Path]) -> None:
+            seed, out = seed_out
+            subprocess.run([sys.executable, __file__, "--config", args.config, "--one-seed", str(seed), "--out",
+                            str(out), *args.overrides], cwd=ROOT, env=env, check=True)
+
+        try:
+            with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+                list(pool.map(run, zip(args.seeds, outs)))
+        except subprocess.CalledProcessError as err:
+            raise SystemExit(f"a seed's run failed (exit {err.returncode}); nothing written") from err
         per_seed = sorted((json.loads(p.read_text()) for p in outs), key=lambda r: r["seed"])
     chosen, valid_mean = pick(per_seed)
     result = {"what": "retrieval-time tail knobs (model.id_shrinkage, model.query_text_scale) of one trained "

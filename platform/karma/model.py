@@ -148,6 +148,13 @@ class Prompts:
         return cls(tok.encode(QUERY_PREFIX), tok.encode(GEN_PROMPT), tok.encode(REC_PROMPT))
 
 
+def item_trust(counts: torch.Tensor, shrinkage: float) -> torch.Tensor:
+    """c(i) = n(i) / (n(i) + k): how far model.id_shrinkage = k trusts each item's learned half,
+    from its training-target count n(i)."""
+    n = counts.float()
+    return n / (n + shrinkage)
+
+
 class KarmaModel(nn.Module):
     def __init__(self, cfg: ModelConfig, backbone: nn.Module, n_items: int, item_tokens: torch.Tensor,
                  item_token_len: torch.Tensor, pad_id: int, prompts: Prompts, text_emb: torch.Tensor | None = None,
@@ -173,9 +180,8 @@ class KarmaModel(nn.Module):
         if cfg.id_shrinkage > 0:
             if item_counts is None or len(item_counts) != n_items:
                 raise ValueError("model.id_shrinkage needs the training count of every item (item_counts)")
-            n = item_counts.float()
-            # c(i) = n / (n + k), saved with the weights: the counts are the training split's
-            self.register_buffer("item_trust", n / (n + cfg.id_shrinkage))
+            # saved with the weights: the counts are the training split's
+            self.register_buffer("item_trust", item_trust(item_counts, cfg.id_shrinkage))
         self.mix_head = linear(hidden, cfg.n_interest) if cfg.head_reduce == "mixture" else None
         rec_in = cfg.embed_dim if cfg.rec_input == "learned" else self.retrieval_dim
         self.rec_proj = linear(rec_in, cfg.rec_soft_tokens * hidden)
