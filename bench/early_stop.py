@@ -26,7 +26,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "platform"))
 
-from karma.provenance import provenance  # noqa: E402
+from karma.provenance import provenance, with_provenance  # noqa: E402
 from karma.train.early_stop import StopRule  # noqa: E402
 
 DEFAULT_CURVES = ("bench/results/sasrec_scientific.json", "bench/results/recipe_text_scientific/*.json",
@@ -79,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
               + " | ".join(cells) + " |")
     command = "python " + " ".join(shlex.quote(a) for a in ["bench/early_stop.py", *(argv or sys.argv[1:])])
     rules = {k: vars(v) for k, v in RULES.items()}
-    args.out.write_text(json.dumps({"command": command, "rules": rules, "rows": rows,
-                                    "provenance": provenance({"rules": rules, "curves": args.curves}, command)},
+    prov = provenance({"rules": rules, "curves": args.curves}, command)
+    args.out.write_text(json.dumps(with_provenance({"command": command, "rules": rules, "rows": rows}, prov),
                                    indent=2) + "\n")
     return 0
 

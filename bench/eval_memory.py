@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(child(args)))
         return 0
 
-    from karma.provenance import git_state, provenance
+    from karma.provenance import git_state, provenance, with_provenance
 
     command = shlex.join(["python", os.path.relpath(__file__, ROOT), *(sys.argv[1:] if argv is None else argv)])
     settings = {"items": args.items, "dim": args.dim, "ks": [10, 50, 200], "chunk_size": args.chunk_size,
@@ -110,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     out = {"what": "peak RSS and seconds of karma.retrieval.evaluate_retrieval, one fresh process per user count",
            "command": command, "settings": settings, "runs": runs, "skipped": skipped,
            "code": None if code is None else dict(zip(("path", "git_commit", "git_dirty"), (str(code), *git_state(code)))),
-           "host": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-           "provenance": provenance(settings, command)}
+           "host": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}}
+    out = with_provenance(out, provenance(settings, command))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {args.out}")

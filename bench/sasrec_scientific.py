@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from karma.config import load_config
 
-    from karma.provenance import provenance
+    from karma.provenance import provenance, with_provenance
 
     cfg = load_config(args.config, args.overrides)  # fail on a bad key before any work
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, ROOT), *(argv or sys.argv[1:])])
@@ -134,7 +134,6 @@ def main(argv: list[str] | None = None) -> int:
         "command": command,
         "config": config,
         "data_set": data_set(cfg),
-        "config_resolved": {s: getattr(cfg, s).__dict__ for s in ("data", "model", "train")},
         "protocol": {
             "split": "leave-one-out: last item -> test, second-to-last -> valid, earlier prefixes -> train",
             "ranking": f"full ranking over all {runs[0]['n_items']} items, no sampled negatives",
@@ -157,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                  "torch": torch.__version__},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({**out, "provenance": prov}, indent=2) + "\n")
+    args.out.write_text(json.dumps(with_provenance(out, prov), indent=2) + "\n")
     print(f"{'seed':>6} {'HR@10':>8} {'NDCG@10':>8} {'HR@50':>8} {'NDCG@50':>8} {'MRR':>8} {'epochs':>7} {'wall_s':>7}")
     for r in runs:
         t = r["test"]

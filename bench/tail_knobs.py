@@ -121,6 +121,9 @@ def main() -> None:
               "test_plain": {r["seed"]: r["grid"][knob_key(0.0, 1.0)]["test"] for r in per_seed},
               "test_chosen": {r["seed"]: r["grid"][chosen]["test"] for r in per_seed},
               "per_seed": per_seed}
+    # every seed ran on the same commit; the seeds' configs differ only in train.seed (seed 0's here)
+    result = {"git_commit": per_seed[0]["provenance"]["git_commit"],
+              "config_resolved": per_seed[0]["provenance"]["config"], **result}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     print(f"chosen on validation: {chosen}")

@@ -62,9 +62,9 @@ def main() -> None:
               "command": shlex.join(["python", "bench/text_knn.py", *sys.argv[1:]]),
               "valid_ndcg10_per_setting": valid, "picked": {"last_items": n, "decay": decay},
               "test": test}
-    from karma.provenance import provenance
+    from karma.provenance import provenance, with_provenance
 
-    Path(args.out).write_text(json.dumps({**result, "provenance": provenance(cfg, result["command"])}, indent=2) + "\n")
+    Path(args.out).write_text(json.dumps(with_provenance(result, provenance(cfg, result["command"])), indent=2) + "\n")
     print(f"picked last {n} items, decay {decay} (validation NDCG@10 {scores[n, decay]:.4f})")
     print(f"test HR@10={test['HR@10']:.4f} NDCG@10={test['NDCG@10']:.4f} "
           f"tail/HR@10={test['tail/HR@10']:.4f} tail/HR@200={test['tail/HR@200']:.4f} -> {args.out}")

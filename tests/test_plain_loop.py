@@ -56,6 +56,8 @@ def test_job_writes_metrics_analyses_and_heatmap(cache_dir, tmp_path):
     assert prov["config"]["model"]["tiny_hidden"] == 32  # from configs/tiny.yaml
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     assert prov["git_commit"] == (head.stdout.strip() if head.returncode == 0 else None)
+    # the commit and the resolved config are also at the top of the file
+    assert summary["git_commit"] == prov["git_commit"] and summary["config_resolved"] == prov["config"]
     assert png.stat().st_size < 150_000 and imread(png).shape[0] > 100
     no_analyses = load_job().main(["--config", str(ROOT / "configs" / "tiny.yaml"), "--out", str(out),
                                    f"data.cache_dir={cache_dir}", "train.max_steps=2", "train.analysis_examples=0"])

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from karma.config import Config, ConfigError, load_config
 from karma.data import DataError
-from karma.provenance import provenance
+from karma.provenance import provenance, with_provenance
 from karma.train import NonFiniteLoss
 
 # what the plain run's JSON keeps of its result
@@ -119,7 +119,7 @@ def train_plain(argv: list[str] | None = None) -> int:
         summary["heatmap"] = write_heatmap(result, cfg, args.heatmap)
     print(json.dumps(summary, indent=2))
     if args.out:
-        Path(args.out).write_text(json.dumps({**summary, "provenance": prov}, indent=2))
+        Path(args.out).write_text(json.dumps(with_provenance(summary, prov), indent=2))
     return 0
 
 

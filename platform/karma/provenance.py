@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["provenance", "hash_folder", "git_state"]
+__all__ = ["provenance", "with_provenance", "hash_folder", "git_state"]
 
 PACKAGE = Path(__file__).resolve().parent
 
@@ -35,6 +35,13 @@ def provenance(config: Any = None, command: str | None = None) -> dict:
     commit, dirty = git_state()
     return {"command": command or shlex.join(["python", *sys.argv]), "git_commit": commit, "git_dirty": dirty,
             "config": cfg or None, "data_files": files}
+
+
+def with_provenance(result: dict, prov: dict) -> dict:
+    """`result` as its JSON is written: the commit it ran on and its resolved config at the top,
+    where a reader looks first, and the whole `provenance(...)` (command, dirty flag, data
+    hashes) under "provenance"."""
+    return {"git_commit": prov["git_commit"], "config_resolved": prov["config"], **result, "provenance": prov}
 
 
 def hash_folder(folder: str | Path, block: int = 1 << 20) -> dict[str, str]:
