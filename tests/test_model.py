@@ -285,3 +285,40 @@ def test_query_text_scale_weighs_the_text_half_when_retrieving(items, cache_dir)
     assert torch.allclose(torch.nn.functional.normalize(z3[..., :d], dim=-1),
                           torch.nn.functional.normalize(z1[..., :d], dim=-1), atol=1e-5)
     assert torch.allclose(z_train, z1, atol=1e-5)  # dropout is 0 here: train mode is the plain query
+
+
+@pytest.mark.parametrize("extra", [[], ["model.text_channel=true", "model.n_interest=2"]])
+def test_item_bias_adds_a_learned_score_per_item(items, cache_dir, tmp_path, extra):
+    """model.item_bias: the score is <z, e(i)> + b(i), carried as a last coordinate (1 in z, b(i)
+    in e) so every ranker of inner products (faiss, the export, Serve) ranks by it; b starts at
+    zero, is trained by the action loss without weight decay, and is no content for
+    reconstruction. The unit-length parts are those of the model without it."""
+    from karma.optim import param_groups
+
+    cfg = tiny_cfg(cache_dir, "model.item_bias=true", *extra)
+    model, tok = build_model(cfg, items, log=None)
+    plain, _ = build_model(tiny_cfg(cache_dir, *extra), items, log=None)
+    model.eval()
+    batch = make_batch(model, tok)
+    with torch.no_grad():
+        model.item_bias.weight.copy_(torch.linspace(-1, 1, model.n_items).unsqueeze(1))
+        z, table = model.interests(batch)["z"], model.item_embeddings()
+    assert model.retrieval_dim == plain.retrieval_dim + 1 and table.shape == (model.n_items, model.retrieval_dim)
+    assert torch.equal(z[..., -1], torch.ones(z.shape[:2]))
+    assert torch.allclose(z[..., :-1].norm(dim=-1), torch.ones(z.shape[:2]), atol=1e-5)
+    assert torch.allclose(table[:, :-1].norm(dim=-1), torch.ones(model.n_items), atol=1e-5)
+    scores = torch.einsum("bhd,nd->bhn", z, table)
+    unit = torch.einsum("bhd,nd->bhn", z[..., :-1], table[:, :-1])
+    assert torch.allclose(scores - unit, model.item_bias.weight[:, 0].expand_as(scores), atol=1e-5)
+    assert model.rec_proj.in_features == plain.rec_proj.in_features
+    assert_export_matches(model, tok, cfg, items, tmp_path / "export")
+
+    model.train()
+    with torch.no_grad():
+        model.item_bias.weight.zero_()
+    groups = param_groups(model, weight_decay=0.1, lr=1e-3)
+    assert any(p is model.item_bias.weight for g in groups if g["weight_decay"] == 0 for p in g["params"])
+    total, _ = karma_losses(model, batch, cfg.loss, NegativeSampler(np.ones(model.n_items), 8))
+    total.backward()
+    grad = model.item_bias.weight.grad[:, 0]
+    assert grad[batch["target"]].lt(0).all()  # the targets' biases rise
