@@ -82,11 +82,6 @@ class ModelConfig:
     # tail); bench/tail_knobs.py picks them on validation.
     id_shrinkage: float = 0.0
     query_text_scale: float = 1.0
-    # A learned score offset per item (a popularity prior): the score becomes <z, e(i)> + b(i),
-    # carried as one more coordinate ([z ; 1] against [e(i) ; b(i)]), so faiss, the export and
-    # Serve rank by it unchanged. Unit-length z and e cannot say "liked by most users" on their
-    # own; an inner product with a free item norm (SASRec's) can.
-    item_bias: bool = False
     head_reduce: Literal["max", "mixture"] = "max"
     rec_soft_tokens: int = 4  # k soft tokens P_rec(z) for reconstruction
     # What the reconstruction branch decodes the target's text from: "z", the whole query; or

@@ -182,10 +182,8 @@ class KarmaModel(nn.Module):
                 raise ValueError("model.id_shrinkage needs the training count of every item (item_counts)")
             # saved with the weights: the counts are the training split's
             self.register_buffer("item_trust", item_trust(item_counts, cfg.id_shrinkage))
-        # zero at the start: the prior is learned from the data, not assumed
-        self.item_bias = nn.Embedding(n_items, 1, _weight=torch.zeros(n_items, 1)) if cfg.item_bias else None
         self.mix_head = linear(hidden, cfg.n_interest) if cfg.head_reduce == "mixture" else None
-        rec_in = cfg.embed_dim if cfg.rec_input == "learned" else self.retrieval_dim - int(cfg.item_bias)
+        rec_in = cfg.embed_dim if cfg.rec_input == "learned" else self.retrieval_dim
         self.rec_proj = linear(rec_in, cfg.rec_soft_tokens * hidden)
         self.token_drop = nn.Dropout(cfg.dropout)
         self.temperature = Temperature(tau_init, learn_tau)
@@ -205,10 +203,9 @@ class KarmaModel(nn.Module):
 
     @property
     def retrieval_dim(self) -> int:
-        """Width of z and of the item tower: embed_dim, plus the text's with the text channel,
-        plus one with model.item_bias."""
+        """Width of z and of the item tower: embed_dim, plus the text's with the text channel."""
         text = self.items.text_emb.shape[1] if self.pointer is not None else 0
-        return self.cfg.embed_dim + text + int(self.cfg.item_bias)
+        return self.cfg.embed_dim + text
 
     @property
     def hidden(self) -> int:
@@ -224,8 +221,7 @@ class KarmaModel(nn.Module):
     def item_embeddings(self, ids: torch.Tensor | None = None) -> torch.Tensor:
         """The item tower e_out(i) = normalize(W_o e_in(i)), with the text channel
         [e_out(i) ; t(i)] / sqrt 2 (unit length too), or when retrieving (eval mode) with
-        model.id_shrinkage [c(i) e_out(i) ; t(i)] / sqrt(c(i)^2 + 1); with model.item_bias the
-        item's bias b(i) follows as one more coordinate. All items when ids is None."""
+        model.id_shrinkage [c(i) e_out(i) ; t(i)] / sqrt(c(i)^2 + 1); all items when ids is None."""
         if ids is None:
             n, device = self.n_items, self.item_tokens.device
             if n > ITEM_CHUNK and not torch.is_grad_enabled():
@@ -236,12 +232,6 @@ class KarmaModel(nn.Module):
                     out[a:a + ITEM_CHUNK] = self.item_embeddings(torch.arange(a, min(a + ITEM_CHUNK, n), device=device))
                 return out
             ids = torch.arange(n, device=device)
-        e = self._unit_item_embeddings(ids)
-        if self.item_bias is None:
-            return e
-        return torch.cat([e, self.item_bias(ids).float()], dim=-1)
-
-    def _unit_item_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
         e = F.normalize(self.item_head(self.items(ids)).float(), dim=-1)
         if self.pointer is None:
             return e
@@ -318,8 +308,6 @@ class KarmaModel(nn.Module):
             if self.cfg.query_text_scale != 1 and not self.training:
                 t = t * self.cfg.query_text_scale  # retrieval only: more weight on the text half
             z = F.normalize(torch.cat([z, t], dim=-1), dim=-1)
-        if self.item_bias is not None:  # meets the items' bias coordinate: <z, e> + b
-            z = torch.cat([z, torch.ones_like(z[..., :1])], dim=-1)
         mix = self.mix_head(h_int[:, 0].to(self.mix_head.weight.dtype)).float() if self.mix_head is not None else None
         return z, mix
 
@@ -393,7 +381,7 @@ class KarmaModel(nn.Module):
         learned half, re-normalised, with model.rec_input=learned)."""
         b = z.shape[0]
         instr = self.embed_tokens(self.rec_prompt_ids).unsqueeze(0).expand(b, -1, -1)
-        z0 = z[:, 0, : z.shape[-1] - int(self.cfg.item_bias)]  # the bias coordinate is no content
+        z0 = z[:, 0]
         if self.cfg.rec_input == "learned":
             z0 = F.normalize(z0[:, : self.cfg.embed_dim].float(), dim=-1)
         soft = self.rec_proj(z0.to(self.rec_proj.weight.dtype)).view(b, self.cfg.rec_soft_tokens, self.hidden)

@@ -19,7 +19,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float, lr: float, new_lr_
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        plain = p.ndim < 2 or "emb" in name or name.startswith(("interest.", "item_bias."))
+        plain = p.ndim < 2 or "emb" in name or name.startswith("interest.")
         new = new_lr_scale != 1.0 and not name.startswith("backbone.")
         groups[(plain, new)].append(p)
     return [{"params": ps, "weight_decay": 0.0 if plain else weight_decay, "lr": lr * (new_lr_scale if new else 1.0)}
