@@ -12,6 +12,7 @@ validation tail HR@200 among those whose mean validation HR@10 is not below the 
 
     python bench/tail_knobs.py --config configs/karma-scientific.yaml --seeds 0 1 2 --jobs 2 \\
         --out bench/results/tail_knobs_scientific.json
+    python bench/tail_knobs.py --shrinkage 0 2 3 --scale 1 1.25 1.3 1.35 1.4 1.45 1.5 ...   # a finer grid
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def knob_key(k: float, scale: float) -> str:
     return f"shrinkage{k:g}-scale{scale:g}"
 
 
-def run_seed(config: str, seed: int, overrides: list[str]) -> dict:
+def run_seed(config: str, seed: int, overrides: list[str], shrinkages=SHRINKAGE, scales=TEXT_SCALE) -> dict:
     """Train the recipe on `seed` (one torch thread), then score every knob setting."""
     import torch
 
@@ -58,7 +59,7 @@ def run_seed(config: str, seed: int, overrides: list[str]) -> dict:
     counts = torch.as_tensor(prep.counts)
     model.eval()
     grid = {}
-    for k, scale in product(SHRINKAGE, TEXT_SCALE):
+    for k, scale in product(shrinkages, scales):
         model.cfg = dataclasses.replace(model.cfg, id_shrinkage=k, query_text_scale=scale)
         if k > 0:
             model.register_buffer("item_trust", item_trust(counts, k))
@@ -90,11 +91,15 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--jobs", type=int, default=1, help="seeds at once, one process and torch thread each")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/tail_knobs_scientific.json")
+    ap.add_argument("--shrinkage", type=float, nargs="+", default=list(SHRINKAGE), help="model.id_shrinkage values")
+    ap.add_argument("--scale", type=float, nargs="+", default=list(TEXT_SCALE), help="model.query_text_scale values")
     ap.add_argument("--one-seed", type=int, help=argparse.SUPPRESS)  # a worker process's seed
     ap.add_argument("overrides", nargs="*", help="config overrides, section.key=value")
     args = ap.parse_args()
+    if 0.0 not in args.shrinkage or 1.0 not in args.scale:
+        ap.error("the grid must hold the plain model: include 0 in --shrinkage and 1 in --scale")
     if args.one_seed is not None:
-        args.out.write_text(json.dumps(run_seed(args.config, args.one_seed, args.overrides), indent=1))
+        args.out.write_text(json.dumps(run_seed(args.config, args.one_seed, args.overrides, args.shrinkage, args.scale), indent=1))
         return
     command = "python bench/tail_knobs.py " + shlex.join(sys.argv[1:])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -104,7 +109,8 @@ def main() -> None:
         def run(seed_out: tuple[int, Path]) -> None:
             seed, out = seed_out
             subprocess.run([sys.executable, __file__, "--config", args.config, "--one-seed", str(seed), "--out",
-                            str(out), *args.overrides], cwd=ROOT, env=env, check=True)
+                            str(out), "--shrinkage", *map(str, args.shrinkage),
+                            "--scale", *map(str, args.scale), "--", *args.overrides], cwd=ROOT, env=env, check=True)
 
         try:
             with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
