@@ -125,6 +125,11 @@ class LossConfig:
     negatives: Literal["sampled", "all"] = "sampled"
     n_negatives: int = 256  # popularity-sampled negatives per step (shared by the batch)
     logq_correction: bool = True
+    # logQ of the in-batch targets at their own rate: a candidate's q counts both ways it enters
+    # (the batch's targets, drawn like the data, and the flattened popularity samples). Off, every
+    # candidate gets the samples' q, which under-corrects popular items: they come in through the
+    # batch far more often than that q says, so the loss pushes them down too hard.
+    logq_in_batch: bool = False
     decode_fraction: float = 1.0  # share of each batch that runs the decoding branches
     # Rows of vocabulary logits upcast to fp32 at a time in the token cross-entropy; the fp32
     # copy of all [rows, V] logits never exists at once (0 = one pass over all rows).
