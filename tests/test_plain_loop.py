@@ -40,7 +40,7 @@ def load_job():
 
 
 def test_job_writes_metrics_analyses_and_heatmap(cache_dir, tmp_path):
-    out, png = tmp_path / "r.json", tmp_path / "img" / "attn.png"
+    out, png = tmp_path / "new" / "r.json", tmp_path / "img" / "attn.png"  # folders made up front
     rc = load_job().main(["--config", str(ROOT / "configs" / "tiny.yaml"), "--out", str(out), "--heatmap", str(png),
                           f"data.cache_dir={cache_dir}", "train.max_steps=5", "train.analysis_examples=16"])
     assert rc == 0

@@ -98,6 +98,8 @@ def train_plain(argv: list[str] | None = None) -> int:
                                           "(the longest history) as PNG here")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=3e-4")
     args = parser.parse_args(argv)
+    for path in filter(None, (args.out, args.heatmap)):  # before training: a long run must not end unwritable
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
     try:
         from karma.train.plain import train_plain as run_plain
 
