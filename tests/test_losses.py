@@ -145,3 +145,22 @@ def test_total_loss():
     assert total_loss(a, rec=r, w_gen=3.0, w_rec=1.0).item() == 5.0
     with pytest.raises(ValueError, match="w_rec"):
         total_loss(a, rec=r, w_rec=-1.0)
+
+
+def test_row_candidates_join_each_rows_softmax():
+    """History negatives: row b's own candidates enter row b's softmax only, at log q = row_log_q;
+    padding (-1) and a repeat of the row's target are left out."""
+    z = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    cand, pos = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 1])
+    row = torch.tensor([[[0.0, 1.0], [1.0, 1.0]], [[1.0, 0.0], [5.0, 5.0]]])  # [B=2, L=2, d]
+    ids, targets = torch.tensor([[7, -1], [8, 11]]), torch.tensor([10, 11])  # row 1's 11 repeats its target
+    got = action_loss(z, cand, pos, tau=1.0, cand_ids=torch.tensor([10, 11]), target_ids=targets,
+                      row_cand=row, row_cand_ids=ids, row_log_q=math.log(2))
+    # row 0 logits [1, 0, 0 - ln2]; row 1 logits [0, 1, 0 - ln2]
+    want = torch.nn.functional.cross_entropy(torch.tensor([[1.0, 0.0, -math.log(2)], [0.0, 1.0, -math.log(2)]]), pos)
+    assert got.item() == pytest.approx(want.item(), abs=1e-6)
+    # without them the loss is the plain one, which is lower: the rows' own negatives add to it
+    plain = action_loss(z, cand, pos, tau=1.0, cand_ids=torch.tensor([10, 11]), target_ids=targets)
+    assert plain.item() < got.item()
+    with pytest.raises(ValueError, match="row_cand_ids"):
+        action_loss(z, cand, pos, tau=1.0, row_cand=row)

@@ -122,6 +122,36 @@ def test_full_softmax_is_cross_entropy_over_every_item(built, cache_dir, heads):
     assert float(sampled["loss_action"]) != pytest.approx(float(want), rel=1e-3)
 
 
+@pytest.mark.parametrize("heads", [1, 4])
+def test_history_negatives_add_each_rows_own_items(built, cache_dir, heads):
+    """loss.history_negatives: the action loss is the sampled one with each row's history items
+    appended to that row's logits (log q of a sure candidate: -log n without in-batch logQ)."""
+    model, tok = built[heads]
+    model.eval()
+    batch = make_batch(model, tok)
+    plain_cfg = tiny_cfg(cache_dir, "loss.n_negatives=4", "loss.w_gen=0", "loss.w_rec=0")
+    hist_cfg = tiny_cfg(cache_dir, "loss.n_negatives=4", "loss.w_gen=0", "loss.w_rec=0", "loss.history_negatives=true")
+    with torch.no_grad():
+        sampler = NegativeSampler(np.ones(30), 4, seed=0)
+        negs = sampler.sample()
+        sampler = NegativeSampler(np.ones(30), 4, seed=0)
+        _, parts = karma_losses(model, batch, hist_cfg.loss, sampler)
+        z = model.interests(batch)["z"]
+        cand_ids = torch.cat([batch["target"], negs])
+        shared = torch.einsum("bhd,cd->bhc", z, model.item_embeddings(cand_ids)).amax(1) / model.tau
+        shared = shared - sampler.log_q[cand_ids]
+        dup = cand_ids.unsqueeze(0) == batch["target"].unsqueeze(1)
+        dup[torch.arange(len(dup)), torch.arange(len(dup))] = False
+        shared = shared.masked_fill(dup, float("-inf"))
+        own = torch.einsum("bhd,bld->bhl", z, model.item_embeddings(batch["history"])).amax(1) / model.tau
+        drop = ~batch["history_mask"] | (batch["history"] == batch["target"].unsqueeze(1))
+        own = (own + math.log(4)).masked_fill(drop, float("-inf"))
+        want = torch.nn.functional.cross_entropy(torch.cat([shared, own], 1), torch.arange(len(dup)))
+        _, plain = karma_losses(model, batch, plain_cfg.loss, NegativeSampler(np.ones(30), 4, seed=0))
+    assert float(parts["loss_action"]) == pytest.approx(float(want), rel=1e-5)
+    assert float(parts["loss_action"]) > float(plain["loss_action"])
+
+
 def test_decode_fraction_limits_decoding_rows(built, cache_dir):
     model, tok = built[1]
     batch = make_batch(model, tok)

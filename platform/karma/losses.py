@@ -69,8 +69,15 @@ def action_loss(
     log_q: torch.Tensor | None = None,
     reduce: str = "max",
     mix_logits: torch.Tensor | None = None,
+    row_cand: torch.Tensor | None = None,
+    row_cand_ids: torch.Tensor | None = None,
+    row_log_q: float = 0.0,
 ) -> torch.Tensor:
     """Sampled-softmax InfoNCE over candidates; the positive of row b is cand[pos_index[b]].
+
+    `row_cand` [B,L,d] adds candidates of row b's own (its history's items: negatives every
+    row is sure to meet, with log q = `row_log_q`); `row_cand_ids` [B,L] names them, -1 for
+    padding. One equal to the row's target (a repeat) is masked, never pushed down.
 
     logits[b,c] = head_scores[b,c] / tau - log_q[c]. Subtracting the log sampling
     probability (Yi et al. 2019) undoes the popularity bias of in-batch and sampled
@@ -102,6 +109,17 @@ def action_loss(
         dup = cand_ids.unsqueeze(0) == target_ids.unsqueeze(1)  # [B,C]
         dup[torch.arange(B, device=dup.device), pos_index] = False
         logits = logits.masked_fill(dup, float("-inf"))
+    if row_cand is not None:
+        if row_cand_ids is None or target_ids is None or row_cand_ids.shape != row_cand.shape[:2]:
+            raise ValueError("row_cand needs row_cand_ids [B,L] and target_ids")
+        z3 = z.unsqueeze(1) if z.dim() == 2 else z
+        rs = torch.einsum("bhd,bld->bhl", z3, row_cand)  # [B,H,L]
+        if reduce == "mixture":
+            rs = (torch.softmax(mix_logits.to(rs.dtype), dim=-1).unsqueeze(-1) * rs).sum(dim=1)
+        else:
+            rs = rs.amax(dim=1)
+        drop = (row_cand_ids < 0) | (row_cand_ids == target_ids.unsqueeze(1))
+        logits = torch.cat([logits, (rs / tau - row_log_q).masked_fill(drop, float("-inf"))], dim=1)
     return F.cross_entropy(logits.float(), pos_index)
 
 

@@ -54,6 +54,9 @@ class NegativeSampler:
             rates = in_batch * popularity_log_prob(counts_t, power=1.0).double().exp() + n * log_p.double().exp()
             log_q = rates.log().float()
         self.log_q = log_q.to(self.device)
+        # log q of a candidate a row meets for certain (its own history items), on log_q's scale:
+        # expected appearances (1) with in_batch, else a share of the n samples (1 / n)
+        self.log_q_certain = 0.0 if in_batch > 0 else -math.log(max(n, 1))
         if self.device.type == "cpu":
             self._weights = log_p.exp()  # multinomial's input, computed once instead of every step
         else:
@@ -113,12 +116,24 @@ def karma_losses(model: KarmaModel, batch: dict, loss: LossConfig, sampler: Nega
         cand_ids = torch.cat([all_targets, negs])
         pos, dup_ids = torch.arange(b, device=target.device) + offset, cand_ids
         log_q = sampler.log_q.to(target.device)[cand_ids] if (sampler is not None and loss.logq_correction) else None
+    # The row's own history items as negatives too (sampled candidates only: a full softmax has
+    # them already): the next item is rarely one already seen, which few samples ever teach.
+    hist_ids = None
+    if loss.history_negatives and loss.negatives != "all":
+        hist_ids = torch.where(batch["history_mask"], batch["history"], torch.full_like(batch["history"], -1))
+        n_shared = cand_ids.shape[0]
+        cand_ids = torch.cat([cand_ids, hist_ids.clamp(min=0).reshape(-1)])
     # One forward call for every branch and the item tower: what compiling the model covers.
     out = model(batch, gen_rows=n_dec if loss.w_gen > 0 else None, rec_rows=n_dec if loss.w_rec > 0 else 0,
                 cand_ids=cand_ids)
-    l_act = action_loss(out["z"], out["cand"], pos, out["tau"], cand_ids=dup_ids,
+    cand, row_cand = out["cand"], None
+    if hist_ids is not None:
+        cand, row_cand = cand[:n_shared], cand[n_shared:].reshape(*hist_ids.shape, -1)
+    row_log_q = sampler.log_q_certain if (sampler is not None and loss.logq_correction) else 0.0
+    l_act = action_loss(out["z"], cand, pos, out["tau"], cand_ids=dup_ids,
                         target_ids=None if dup_ids is None else target, log_q=log_q,
-                        reduce=model.cfg.head_reduce, mix_logits=out["mix_logits"])
+                        reduce=model.cfg.head_reduce, mix_logits=out["mix_logits"],
+                        row_cand=row_cand, row_cand_ids=hist_ids, row_log_q=row_log_q)
 
     l_gen = l_rec = None
     chunk = ce_chunk(loss, target.device)
