@@ -96,21 +96,6 @@ def test_training_loop_eval_report_has_the_tail(built, items):
     data = TrainData(train=valid, valid=valid, test=valid, items=items, counts=counts)
     trainer = Trainer(PlainBackend(model, cfg.train, 1, torch.device("cpu")), data, tok, cfg, log=lambda m: None)
     metrics = trainer.evaluate(valid)
-    assert torch.equal(trainer.sampler.log_q, trainer.sampler.log_p)  # loss.logq_in_batch is off by default
     assert metrics["tail/n_queries"] == int((counts[valid.targets] < 5).sum()) > 0
     assert {"tail/HR@10", "tail/NDCG@10", "tail/MRR", "HR@10"} <= set(metrics)
 
-
-def test_training_loop_gives_in_batch_logq_the_global_batch(built, items):
-    """loss.logq_in_batch=true: the sampler's log q counts the batch's targets (batch_size x world)."""
-    from karma.step import NegativeSampler
-    from karma.train.loop import PlainBackend, TrainData, Trainer
-
-    model, tok = built
-    cfg = tiny_cfg("unused", "train.analysis_examples=0", "train.batch_size=8", "loss.logq_in_batch=true")
-    valid = examples(40)
-    counts = np.where(np.arange(30) < 10, 1, 20)
-    data = TrainData(train=valid, valid=valid, test=valid, items=items, counts=counts)
-    trainer = Trainer(PlainBackend(model, cfg.train, 1, torch.device("cpu")), data, tok, cfg, log=lambda m: None)
-    want = NegativeSampler(counts, cfg.loss.n_negatives, in_batch=8).log_q
-    assert torch.allclose(trainer.sampler.log_q, want) and not torch.allclose(want, trainer.sampler.log_p)

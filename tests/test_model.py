@@ -139,7 +139,7 @@ def test_history_negatives_add_each_rows_own_items(built, cache_dir, heads):
         z = model.interests(batch)["z"]
         cand_ids = torch.cat([batch["target"], negs])
         shared = torch.einsum("bhd,cd->bhc", z, model.item_embeddings(cand_ids)).amax(1) / model.tau
-        shared = shared - sampler.log_q[cand_ids]
+        shared = shared - sampler.log_p[cand_ids]
         dup = cand_ids.unsqueeze(0) == batch["target"].unsqueeze(1)
         dup[torch.arange(len(dup)), torch.arange(len(dup))] = False
         shared = shared.masked_fill(dup, float("-inf"))

@@ -219,18 +219,3 @@ def test_foreign_generator_state_reseeds_deterministically():
         b.load_state_dict(foreign)
     assert torch.equal(a.sample(), b.sample())
 
-
-def test_in_batch_logq_counts_both_ways_a_candidate_enters():
-    """Off, every candidate's log q is the sampler's; on, it is log(B p_target + n p_sample): an
-    item's expected appearances among the candidates. The draws themselves do not change."""
-    counts = np.array([1000, 100, 10, 1, 0])
-    plain, mixed = NegativeSampler(counts, 8, seed=1), NegativeSampler(counts, 8, seed=1, in_batch=32)
-    assert torch.equal(plain.log_q, plain.log_p) and torch.equal(mixed.log_p, plain.log_p)
-    c = torch.as_tensor(counts, dtype=torch.float64)
-    want = (32 * popularity_log_prob(c, power=1.0).double().exp() + 8 * plain.log_p.double().exp()).log()
-    assert torch.allclose(mixed.log_q.double(), want, atol=1e-5)
-    # the batch brings the head in at counts ** 1, so its q grows faster than the samples' counts ** 0.75
-    gap = (mixed.log_q - mixed.log_q[3]) - (plain.log_q - plain.log_q[3])
-    assert gap[0] > gap[1] > gap[2] > 0
-    assert torch.equal(mixed.sample(), plain.sample())
-

@@ -125,11 +125,6 @@ class LossConfig:
     negatives: Literal["sampled", "all"] = "sampled"
     n_negatives: int = 256  # popularity-sampled negatives per step (shared by the batch)
     logq_correction: bool = True
-    # logQ of the in-batch targets at their own rate: a candidate's q counts both ways it enters
-    # (the batch's targets, drawn like the data, and the flattened popularity samples). Off, every
-    # candidate gets the samples' q, which under-corrects popular items: they come in through the
-    # batch far more often than that q says, so the loss pushes them down too hard.
-    logq_in_batch: bool = False
     # Each example's own history items join its candidates as negatives (a repeat of the target
     # is masked). The next item is almost never one already seen (0.6% on Amazon Scientific,
     # none on MovieLens), yet a sampled softmax seldom shows the model those items, and the text

@@ -29,12 +29,7 @@ def local_gather(x: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 class NegativeSampler:
-    """Popularity-sampled negatives (counts ** 0.75) and each candidate's log q for logQ.
-
-    log_q is log p(i) of the sampling distribution; with `in_batch` = B > 0 (the global batch
-    whose targets join the candidates) it is log(B p_target(i) + n p(i)): the expected number of
-    times item i is among the candidates, in-batch targets coming at the rate of the training
-    targets themselves (counts ** 1), not at the sampler's flattened rate.
+    """Popularity-sampled negatives (counts ** 0.75) and the log-probabilities for logQ.
 
     Lives on `device`: the ids and `log_p` are made where the loss needs them, so a step copies
     nothing from the host and never waits for it. On CPU it draws with torch.multinomial (the
@@ -42,21 +37,14 @@ class NegativeSampler:
     inverse CDF with a generator on that device (rand + searchsorted, no category limit).
     """
 
-    def __init__(self, counts: np.ndarray, n: int, seed: int = 0, device: torch.device | str = "cpu",
-                 in_batch: int = 0):
+    def __init__(self, counts: np.ndarray, n: int, seed: int = 0, device: torch.device | str = "cpu"):
         self.n = n
         self.device = torch.device(device)
-        counts_t = torch.as_tensor(counts, dtype=torch.float64)
-        log_p = popularity_log_prob(counts_t).float()
+        log_p = popularity_log_prob(torch.as_tensor(counts, dtype=torch.float64)).float()
         self.log_p = log_p.to(self.device)
-        log_q = log_p
-        if in_batch > 0:
-            rates = in_batch * popularity_log_prob(counts_t, power=1.0).double().exp() + n * log_p.double().exp()
-            log_q = rates.log().float()
-        self.log_q = log_q.to(self.device)
-        # log q of a candidate a row meets for certain (its own history items), on log_q's scale:
-        # expected appearances (1) with in_batch, else a share of the n samples (1 / n)
-        self.log_q_certain = 0.0 if in_batch > 0 else -math.log(max(n, 1))
+        # log q of a candidate a row meets for certain (its own history items) on log_p's scale,
+        # where n samples bring item i n p(i) times: once is a share of 1 / n
+        self.log_q_certain = -math.log(max(n, 1))
         if self.device.type == "cpu":
             self._weights = log_p.exp()  # multinomial's input, computed once instead of every step
         else:
@@ -115,7 +103,7 @@ def karma_losses(model: KarmaModel, batch: dict, loss: LossConfig, sampler: Nega
         negs = sampler.sample().to(target.device) if sampler is not None else target.new_empty(0)
         cand_ids = torch.cat([all_targets, negs])
         pos, dup_ids = torch.arange(b, device=target.device) + offset, cand_ids
-        log_q = sampler.log_q.to(target.device)[cand_ids] if (sampler is not None and loss.logq_correction) else None
+        log_q = sampler.log_p.to(target.device)[cand_ids] if (sampler is not None and loss.logq_correction) else None
     # The row's own history items as negatives too (sampled candidates only: a full softmax has
     # them already): the next item is rarely one already seen, which few samples ever teach.
     hist_ids = None

@@ -249,8 +249,7 @@ class Trainer:
         world = backend.world
         self.steps_per_epoch, self.total_steps = steps_plan(cfg.train, len(data.train), world)
         self.sampler = NegativeSampler(data.counts, cfg.loss.n_negatives,
-                                       seed=sampler_seed(cfg.train.seed, backend.rank), device=backend.device,
-                                       in_batch=cfg.train.batch_size * world if cfg.loss.logq_in_batch else 0)
+                                       seed=sampler_seed(cfg.train.seed, backend.rank), device=backend.device)
         self._history_lengths = data.train.history_lengths
         # CPU: reading a flag costs nothing, so check every step; elsewhere at progress lines
         # and epoch ends, where the step already waits for the device.
