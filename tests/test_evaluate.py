@@ -99,3 +99,26 @@ def test_training_loop_eval_report_has_the_tail(built, items):
     assert metrics["tail/n_queries"] == int((counts[valid.targets] < 5).sum()) > 0
     assert {"tail/HR@10", "tail/NDCG@10", "tail/MRR", "HR@10"} <= set(metrics)
 
+
+
+def test_seen_items_bench_counts_history_in_the_top_10(built):
+    """bench/seen_items.py: the share of top-10 slots held by history items, and ranks with the
+    history excluded, which can only move a target up (a target is never excluded)."""
+    from conftest import load_script
+
+    from karma.batch import prepare_batch
+    from karma.retrieval import exact_topk
+
+    model, tok = built
+    ex = examples(40)
+    report = load_script("bench/seen_items.py").seen_report(model, ex, tok, 20)
+    b = ex.collate(20)
+    with torch.no_grad():
+        _, top = exact_topk(model.interests(prepare_batch(b, model, tok, "cpu"))["z"].float(),
+                            model.item_embeddings().float(), 10)
+    hist = [set(h[m].tolist()) for h, m in zip(b["history"], b["history_mask"])]
+    want = np.mean([len(set(t.tolist()) & h) / 10 for t, h in zip(top, hist)])
+    assert report["top10_share_in_history"] == pytest.approx(want, abs=1e-6) and want > 0
+    assert report["targets_in_history"] == pytest.approx(np.mean([t in h for t, h in zip(ex.targets, hist)]))
+    kept, excl = report["history_kept"], report["history_excluded"]
+    assert excl["HR@10"] >= kept["HR@10"] and excl["MRR"] > kept["MRR"]
