@@ -45,7 +45,8 @@ def test_job_writes_metrics_analyses_and_heatmap(cache_dir, tmp_path):
                           f"data.cache_dir={cache_dir}", "train.max_steps=5", "train.analysis_examples=16"])
     assert rc == 0
     summary = json.loads(out.read_text())
-    assert {"popularity", "before", "after", "best", "test", "analyses", "heatmap"} <= set(summary)
+    assert {"popularity", "before", "after", "best", "test", "test_served", "analyses", "heatmap"} <= set(summary)
+    assert summary["test_served"]["MRR"] >= summary["test"]["MRR"]  # history items taken out of the ranking
     assert "tail/n_queries" in summary["test"] and set(summary["analyses"]) == ANALYSES
     assert "decoded" not in summary  # item texts stay out of result files
     assert summary["heatmap"]["path"] == str(png) and summary["heatmap"]["positions"] > 1

@@ -19,7 +19,8 @@ from karma.provenance import provenance, with_provenance
 from karma.train import NonFiniteLoss
 
 # what the plain run's JSON keeps of its result
-SUMMARY_KEYS = ("popularity", "before", "epochs", "after", "best_epoch", "best", "test", "analyses", "steps", "seconds")
+SUMMARY_KEYS = ("popularity", "before", "epochs", "after", "best_epoch", "best", "test", "test_served", "analyses", "steps",
+                "seconds")
 
 TRAIN_HELP = """The KARMA training job: Ray Train + DeepSpeed ZeRO + MLflow (each worker reads its slice of a fresh per-epoch shuffle).
 
@@ -66,7 +67,8 @@ TRAIN_PLAIN_HELP = """Train with the plain single-process loop (no Ray, no DeepS
     python jobs/train_plain.py [--config configs/tiny.yaml] [--out result.json] [--heatmap attn.png]
                                [section.key=value ...]
 
-The JSON holds validation and test metrics (with their long-tail breakdown, `tail/...`) and,
+The JSON holds validation and test metrics (with their long-tail breakdown, `tail/...`), the test
+split ranked without each user's history as the Serve endpoint returns it (`test_served`) and,
 when train.analysis_examples > 0, the semantic analyses of the test split (`analyses`).
 Exit code 2: a config or data error, named with its fix; 3: the training loss became NaN or inf.
 """

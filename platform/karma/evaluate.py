@@ -24,17 +24,22 @@ RANK_CHUNK = 65536  # items scored at once by exact_ranks (its memory: batch x c
 
 @torch.no_grad()
 def target_ranks(model: KarmaModel, examples: Examples, tok: Tokenizer, max_history: int, device,
-                 batch_size: int = 256, chunk_size: int = RANK_CHUNK) -> torch.Tensor:
+                 batch_size: int = 256, chunk_size: int = RANK_CHUNK, exclude_history: bool = False) -> torch.Tensor:
     """Each example's full-corpus 1-based target rank (int64 [n], pessimistic on ties;
     `karma.retrieval.exact_ranks`), batch by batch on `device`: memory is one batch's z and
-    scores, whatever the number of examples. Every call runs the same module calls for the same
-    number of examples (under ZeRO-3 each is a collective)."""
+    scores, whatever the number of examples. `exclude_history` ranks without the example's
+    history items (what the Serve endpoint returns by default); the target itself always stays.
+    Every call runs the same module calls for the same number of examples (under ZeRO-3 each is
+    a collective)."""
     model.eval()
     items = model.item_embeddings().float()
     out = []
     for b in examples.batches(batch_size, max_history):
         z = model.interests(prepare_batch(b, model, tok, device))["z"].float()
-        out.append(exact_ranks(z.to(items.device), items, b["target"].to(items.device), None, chunk_size).cpu())
+        exclude = None
+        if exclude_history:
+            exclude = torch.where(b["history_mask"], b["history"], torch.full_like(b["history"], -1)).to(items.device)
+        out.append(exact_ranks(z.to(items.device), items, b["target"].to(items.device), exclude, chunk_size).cpu())
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
 

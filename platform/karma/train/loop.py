@@ -312,7 +312,7 @@ class Trainer:
                 self.log(f"early stop after epoch {s.epoch}: {self.stop_rule.describe()} (best: epoch {s.best_epoch})")
             yield metrics
 
-    def target_ranks(self, examples: Examples) -> torch.Tensor:
+    def target_ranks(self, examples: Examples, exclude_history: bool = False) -> torch.Tensor:
         """Every example's full-corpus target rank (int64 [n]): each worker ranks its own share,
         batch by batch on its device (`evaluate.target_ranks`), and only the ranks are gathered.
 
@@ -322,7 +322,8 @@ class Trainer:
         n = len(examples)
         per = -(-n // b.world)
         share = examples.take(np.arange(b.rank * per, b.rank * per + per) % max(n, 1))
-        ranks = target_ranks(b.module, share, self.tok, self.cfg.data.max_history, b.device)
+        ranks = target_ranks(b.module, share, self.tok, self.cfg.data.max_history, b.device,
+                             exclude_history=exclude_history)
         if b.world > 1:
             ranks = ranks.to(b.device)  # NCCL gathers device tensors
             parts = [torch.empty_like(ranks) for _ in range(b.world)]
@@ -330,18 +331,20 @@ class Trainer:
             ranks = torch.cat(parts).cpu()
         return ranks[:n]
 
-    def evaluate(self, examples: Examples) -> dict:
+    def evaluate(self, examples: Examples, exclude_history: bool = False) -> dict:
         """HR@K / NDCG@K and MRR over the full item pool (exact ranks) with their long-tail
         breakdown (`tail/...`), from the gathered target ranks: every rank computes the same
-        metrics, so every rank decides alike."""
-        ranks = self.target_ranks(examples)
+        metrics, so every rank decides alike. `exclude_history`: ranked without each example's
+        history items, as the Serve endpoint returns them by default."""
+        ranks = self.target_ranks(examples, exclude_history)
         return retrieval_report(ranks, examples.targets, tuple(self.cfg.train.ks), self.data.counts)
 
     def finish(self) -> dict:
         """The test protocol, once training is over: the best epoch's weights back into the
         model, then the test split's metrics (`test`) and, for a language model with
         train.analysis_examples > 0, the semantic analyses of that many test examples
-        (`analyses`) and a few decoded texts (`decoded`). Every rank calls it (collectives)."""
+        (`analyses`) and a few decoded texts (`decoded`); `test_served` is the test split ranked
+        without each user's history, as the Serve endpoint returns it. Every rank calls it (collectives)."""
         s, cfg = self.state, self.cfg
         if s.best_epoch and s.best_epoch != s.epoch:
             self.backend.load_weights(self.best_weights)
@@ -349,6 +352,10 @@ class Trainer:
         out = {"best_epoch": s.best_epoch, "best": s.best_metrics, "test": self.evaluate(self.data.test)}
         self.log(f"test (weights of epoch {s.best_epoch}): HR@10={out['test']['HR@10']:.4f} "
                  f"NDCG@10={out['test']['NDCG@10']:.4f} tail/HR@10={out['test']['tail/HR@10']:.4f}")
+        # the protocol keeps history items in the ranking; the endpoint drops them by default
+        out["test_served"] = self.evaluate(self.data.test, exclude_history=True)
+        self.log(f"test, history excluded as served: HR@10={out['test_served']['HR@10']:.4f} "
+                 f"NDCG@10={out['test_served']['NDCG@10']:.4f}")
         if cfg.train.analysis_examples and cfg.model.arch == "sasrec":
             self.log("semantic analyses skipped: they read a language model's attention and decoding, SASRec has "
                      "neither")

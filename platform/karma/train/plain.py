@@ -25,7 +25,7 @@ def pick_device(name: str) -> torch.device:
 def train_plain(cfg: Config, log=print) -> dict:
     """Train on cfg's data; returns the popularity baseline and the untrained model's validation
     metrics (`popularity`, `before`), every epoch's (`epochs`, the last as `after`), and the
-    test protocol's results (`Trainer.finish`: best_epoch, best, test, analyses, decoded).
+    test protocol's results (`Trainer.finish`: best_epoch, best, test, test_served, analyses, decoded).
     Every metric set carries its long-tail breakdown (`tail/...`). The trained model (best
     epoch's weights), its tokenizer and the prepared data come back too."""
     device = pick_device(cfg.train.device)

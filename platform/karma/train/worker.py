@@ -200,6 +200,7 @@ def _finish(trainer: Trainer, metrics: dict, data: TrainData, ckpt_dir: Path, tr
     out = trainer.finish()
     costs.update({"test_seconds": round(time.time() - start, 2), "rss_mb/test": peak_rss_mb()})
     test = {f"test/{k}": v for k, v in {**out["test"], **out.get("analyses", {})}.items()}
+    test.update({f"test_served/{k}": v for k, v in out["test_served"].items()})
     spent = _gather_costs(costs, trainer.backend.rank, trainer.backend.world)
     report = {**(out["best"] or metrics), "epoch": s.epoch, "step": s.step, "best_epoch": out["best_epoch"], **test,
               **spent}
