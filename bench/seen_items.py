@@ -5,7 +5,7 @@ and test targets, none of MovieLens's), yet the offline protocol keeps history i
 ranking. The Serve endpoint drops them (`exclude_history`, on by default), so both numbers
 matter: the protocol's, and what the endpoint would serve. Trains the config once per seed (the
 plain loop, its stopping rule), then scores validation and test with the history kept and with
-it excluded (`karma.retrieval.exact_ranks`), and counts the history items in each top 10.
+it excluded (`karma.evaluate.target_ranks(served=True)`), and counts the history items in each top 10.
 
     python bench/seen_items.py --config configs/karma-scientific.yaml --seeds 0 \\
         --out bench/results/seen_items/karma-scientific.json train.analysis_examples=0
@@ -30,26 +30,24 @@ def seen_report(model, examples, tok, max_history: int) -> dict:
     with it excluded; the share of targets that are in the history."""
     import torch
 
-    from karma.batch import prepare_batch
+    from karma.batch import history_ids, prepare_batch
+    from karma.evaluate import target_ranks
     from karma.metrics import ranking_report
-    from karma.retrieval import exact_ranks, exact_topk
+    from karma.retrieval import exact_topk
 
-    model.eval()
-    shares, kept, excluded, repeats = [], [], [], []
+    ranks = target_ranks(model, examples, tok, max_history, "cpu", served=True)  # [n, 2]: kept, excluded
+    shares, repeats = [], []
     with torch.no_grad():
         items = model.item_embeddings().float()
         for b in examples.batches(256, max_history):
-            z = model.interests(prepare_batch(b, model, tok, "cpu"))["z"].float()
-            hist = torch.where(b["history_mask"], b["history"], torch.full_like(b["history"], -1))
-            _, top = exact_topk(z, items, 10)
+            _, top = exact_topk(model.interests(prepare_batch(b, model, tok, "cpu"))["z"].float(), items, 10)
+            hist = history_ids(b)
             shares.append((top.unsqueeze(2) == hist.unsqueeze(1)).any(2).float().mean(1))
             repeats.append((hist == b["target"].unsqueeze(1)).any(1).float())
-            kept.append(exact_ranks(z, items, b["target"]))
-            excluded.append(exact_ranks(z, items, b["target"], hist))
     return {"top10_share_in_history": float(torch.cat(shares).mean()),
             "targets_in_history": float(torch.cat(repeats).mean()),
-            "history_kept": ranking_report(torch.cat(kept).double(), KS),
-            "history_excluded": ranking_report(torch.cat(excluded).double(), KS)}
+            "history_kept": ranking_report(ranks[:, 0].double(), KS),
+            "history_excluded": ranking_report(ranks[:, 1].double(), KS)}
 
 
 def run_seed(config: str, seed: int, overrides: list[str]) -> dict:

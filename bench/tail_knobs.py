@@ -99,7 +99,8 @@ def main() -> None:
     if 0.0 not in args.shrinkage or 1.0 not in args.scale:
         ap.error("the grid must hold the plain model: include 0 in --shrinkage and 1 in --scale")
     if args.one_seed is not None:
-        args.out.write_text(json.dumps(run_seed(args.config, args.one_seed, args.overrides, args.shrinkage, args.scale), indent=1))
+        result = run_seed(args.config, args.one_seed, args.overrides, args.shrinkage, args.scale)
+        args.out.write_text(json.dumps(result, indent=1))
         return
     command = "python bench/tail_knobs.py " + shlex.join(sys.argv[1:])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

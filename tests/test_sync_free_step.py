@@ -218,4 +218,3 @@ def test_foreign_generator_state_reseeds_deterministically():
     with pytest.warns(UserWarning, match="derived"):
         b.load_state_dict(foreign)
     assert torch.equal(a.sample(), b.sample())
-

@@ -14,6 +14,12 @@ if TYPE_CHECKING:
     from karma.model import KarmaModel
 
 
+def history_ids(batch: dict) -> torch.Tensor:
+    """[B,L] item rows of each example's history as collated (its last max_history items), -1 on
+    padding: the `exclude` layout of karma.retrieval, and the ids of per-row candidates."""
+    return torch.where(batch["history_mask"], batch["history"], torch.full_like(batch["history"], -1))
+
+
 def prepare_batch(batch: dict, model: KarmaModel, tok: Tokenizer, device: torch.device | str,
                   max_query_tokens: int = 16) -> dict:
     """Move a collated batch to `device`; tokenise queries (left-padded, `query:` prefix)."""

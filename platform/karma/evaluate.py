@@ -16,7 +16,7 @@ from karma.metrics import (TAIL_THRESHOLD, effective_rank, fidelity_report, long
                            ranking_report, readout_collapse, sink_stats, uniform_sink_rate)
 from karma.model import KarmaModel
 from karma.retrieval import exact_ranks
-from karma.batch import prepare_batch
+from karma.batch import history_ids, prepare_batch
 from karma.text import Tokenizer, item_texts
 
 RANK_CHUNK = 65536  # items scored at once by exact_ranks (its memory: batch x chunk scores)
@@ -24,23 +24,25 @@ RANK_CHUNK = 65536  # items scored at once by exact_ranks (its memory: batch x c
 
 @torch.no_grad()
 def target_ranks(model: KarmaModel, examples: Examples, tok: Tokenizer, max_history: int, device,
-                 batch_size: int = 256, chunk_size: int = RANK_CHUNK, exclude_history: bool = False) -> torch.Tensor:
+                 batch_size: int = 256, chunk_size: int = RANK_CHUNK, served: bool = False) -> torch.Tensor:
     """Each example's full-corpus 1-based target rank (int64 [n], pessimistic on ties;
     `karma.retrieval.exact_ranks`), batch by batch on `device`: memory is one batch's z and
-    scores, whatever the number of examples. `exclude_history` ranks without the example's
-    history items (what the Serve endpoint returns by default); the target itself always stays.
+    scores, whatever the number of examples. `served` adds a second column from the same
+    forward, [n, 2]: the rank without the example's history items (its last max_history, the
+    window the model reads), as the Serve endpoint returns by default; a target always stays.
     Every call runs the same module calls for the same number of examples (under ZeRO-3 each is
     a collective)."""
     model.eval()
     items = model.item_embeddings().float()
     out = []
     for b in examples.batches(batch_size, max_history):
-        z = model.interests(prepare_batch(b, model, tok, device))["z"].float()
-        exclude = None
-        if exclude_history:
-            exclude = torch.where(b["history_mask"], b["history"], torch.full_like(b["history"], -1)).to(items.device)
-        out.append(exact_ranks(z.to(items.device), items, b["target"].to(items.device), exclude, chunk_size).cpu())
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+        z = model.interests(prepare_batch(b, model, tok, device))["z"].float().to(items.device)
+        target = b["target"].to(items.device)
+        ranks = exact_ranks(z, items, target, None, chunk_size)
+        if served:
+            ranks = torch.stack([ranks, exact_ranks(z, items, target, history_ids(b).to(items.device), chunk_size)], 1)
+        out.append(ranks.cpu())
+    return torch.cat(out) if out else torch.zeros((0, 2) if served else 0, dtype=torch.long)
 
 
 def retrieval_report(ranks: torch.Tensor | np.ndarray, targets: np.ndarray, ks: Sequence[int] = (10, 50, 200),

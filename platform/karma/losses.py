@@ -34,7 +34,8 @@ def head_scores(
 ) -> torch.Tensor:
     """Score candidates against every interest head and reduce over heads.
 
-    z [B,H,d] (a [B,d] input is treated as H=1), cand [C,d] -> [B,C].
+    z [B,H,d] (a [B,d] input is treated as H=1), cand [C,d] -> [B,C]; or per-row candidates
+    cand [B,C,d] (row b scores only its own) -> [B,C].
     reduce="max": an item is as good as its best-matching interest.
     reduce="mixture": softmax(mix_logits [B,H])-weighted sum of the head scores.
     """
@@ -42,9 +43,11 @@ def head_scores(
         z = z.unsqueeze(1)
     if z.dim() != 3:
         raise ValueError(f"z must be [B,H,d] or [B,d], got shape {tuple(z.shape)}")
-    if cand.dim() != 2 or cand.shape[1] != z.shape[2]:
-        raise ValueError(f"cand must be [C,{z.shape[2]}], got shape {tuple(cand.shape)}")
-    s = torch.einsum("bhd,cd->bhc", z, cand)  # [B,H,C]
+    per_row = cand.dim() == 3 and cand.shape[0] == z.shape[0]
+    if not (cand.dim() == 2 or per_row) or cand.shape[-1] != z.shape[2]:
+        raise ValueError(f"cand must be [C,{z.shape[2]}] or [B={z.shape[0]},C,{z.shape[2]}], "
+                         f"got shape {tuple(cand.shape)}")
+    s = torch.einsum("bhd,bcd->bhc" if per_row else "bhd,cd->bhc", z, cand)  # [B,H,C]
     if reduce == "max":
         return s.amax(dim=1)
     if reduce == "mixture":
@@ -112,12 +115,7 @@ def action_loss(
     if row_cand is not None:
         if row_cand_ids is None or target_ids is None or row_cand_ids.shape != row_cand.shape[:2]:
             raise ValueError("row_cand needs row_cand_ids [B,L] and target_ids")
-        z3 = z.unsqueeze(1) if z.dim() == 2 else z
-        rs = torch.einsum("bhd,bld->bhl", z3, row_cand)  # [B,H,L]
-        if reduce == "mixture":
-            rs = (torch.softmax(mix_logits.to(rs.dtype), dim=-1).unsqueeze(-1) * rs).sum(dim=1)
-        else:
-            rs = rs.amax(dim=1)
+        rs = head_scores(z, row_cand, reduce=reduce, mix_logits=mix_logits)  # [B,L]
         drop = (row_cand_ids < 0) | (row_cand_ids == target_ids.unsqueeze(1))
         logits = torch.cat([logits, (rs / tau - row_log_q).masked_fill(drop, float("-inf"))], dim=1)
     return F.cross_entropy(logits.float(), pos_index)

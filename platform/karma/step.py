@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 import torch
 
+from karma.batch import history_ids
 from karma.config import LossConfig
 from karma.losses import action_loss, inverse_cdf_sample, popularity_log_prob, token_ce, total_loss
 
@@ -108,7 +109,7 @@ def karma_losses(model: KarmaModel, batch: dict, loss: LossConfig, sampler: Nega
     # them already): the next item is rarely one already seen, which few samples ever teach.
     hist_ids = None
     if loss.history_negatives and loss.negatives != "all":
-        hist_ids = torch.where(batch["history_mask"], batch["history"], torch.full_like(batch["history"], -1))
+        hist_ids = history_ids(batch)
         n_shared = cand_ids.shape[0]
         cand_ids = torch.cat([cand_ids, hist_ids.clamp(min=0).reshape(-1)])
     # One forward call for every branch and the item tower: what compiling the model covers.

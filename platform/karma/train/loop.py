@@ -312,9 +312,10 @@ class Trainer:
                 self.log(f"early stop after epoch {s.epoch}: {self.stop_rule.describe()} (best: epoch {s.best_epoch})")
             yield metrics
 
-    def target_ranks(self, examples: Examples, exclude_history: bool = False) -> torch.Tensor:
-        """Every example's full-corpus target rank (int64 [n]): each worker ranks its own share,
-        batch by batch on its device (`evaluate.target_ranks`), and only the ranks are gathered.
+    def target_ranks(self, examples: Examples, served: bool = False) -> torch.Tensor:
+        """Every example's full-corpus target rank (int64 [n]; [n, 2] with `served`, the second
+        column without the example's history): each worker ranks its own share, batch by batch
+        on its device (`evaluate.target_ranks`), and only the ranks are gathered.
 
         Shares are padded to equal length (repeating the first examples) so every worker runs
         the same forwards (ZeRO-3 needs that); the padding's ranks are dropped."""
@@ -322,8 +323,7 @@ class Trainer:
         n = len(examples)
         per = -(-n // b.world)
         share = examples.take(np.arange(b.rank * per, b.rank * per + per) % max(n, 1))
-        ranks = target_ranks(b.module, share, self.tok, self.cfg.data.max_history, b.device,
-                             exclude_history=exclude_history)
+        ranks = target_ranks(b.module, share, self.tok, self.cfg.data.max_history, b.device, served=served)
         if b.world > 1:
             ranks = ranks.to(b.device)  # NCCL gathers device tensors
             parts = [torch.empty_like(ranks) for _ in range(b.world)]
@@ -331,12 +331,14 @@ class Trainer:
             ranks = torch.cat(parts).cpu()
         return ranks[:n]
 
-    def evaluate(self, examples: Examples, exclude_history: bool = False) -> dict:
+    def evaluate(self, examples: Examples) -> dict:
         """HR@K / NDCG@K and MRR over the full item pool (exact ranks) with their long-tail
         breakdown (`tail/...`), from the gathered target ranks: every rank computes the same
-        metrics, so every rank decides alike. `exclude_history`: ranked without each example's
-        history items, as the Serve endpoint returns them by default."""
-        ranks = self.target_ranks(examples, exclude_history)
+        metrics, so every rank decides alike."""
+        return self.report(self.target_ranks(examples), examples)
+
+    def report(self, ranks: torch.Tensor, examples: Examples) -> dict:
+        """`evaluate`'s metrics of given target ranks of `examples`."""
         return retrieval_report(ranks, examples.targets, tuple(self.cfg.train.ks), self.data.counts)
 
     def finish(self) -> dict:
@@ -349,11 +351,13 @@ class Trainer:
         if s.best_epoch and s.best_epoch != s.epoch:
             self.backend.load_weights(self.best_weights)
             self.log(f"best validation {SELECT_METRIC} at epoch {s.best_epoch}: its weights are tested and exported")
-        out = {"best_epoch": s.best_epoch, "best": s.best_metrics, "test": self.evaluate(self.data.test)}
+        # one forward for both: the protocol keeps history items in the ranking; the endpoint
+        # drops them by default
+        ranks = self.target_ranks(self.data.test, served=True)
+        out = {"best_epoch": s.best_epoch, "best": s.best_metrics, "test": self.report(ranks[:, 0], self.data.test),
+               "test_served": self.report(ranks[:, 1], self.data.test)}
         self.log(f"test (weights of epoch {s.best_epoch}): HR@10={out['test']['HR@10']:.4f} "
                  f"NDCG@10={out['test']['NDCG@10']:.4f} tail/HR@10={out['test']['tail/HR@10']:.4f}")
-        # the protocol keeps history items in the ranking; the endpoint drops them by default
-        out["test_served"] = self.evaluate(self.data.test, exclude_history=True)
         self.log(f"test, history excluded as served: HR@10={out['test_served']['HR@10']:.4f} "
                  f"NDCG@10={out['test_served']['NDCG@10']:.4f}")
         if cfg.train.analysis_examples and cfg.model.arch == "sasrec":
