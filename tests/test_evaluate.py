@@ -104,6 +104,30 @@ def test_training_loop_eval_report_has_the_tail(built, items):
     assert {"tail/HR@10", "tail/NDCG@10", "tail/MRR", "HR@10"} <= set(metrics)
 
 
+def test_seen_offset_ranks_the_history_shifted(items, cache_dir):
+    """model.seen_offset at 0 ranks as the plain model; very negative, as the history excluded
+    (the served ranks) for every target outside its history; a target in its history falls with it."""
+    from karma.evaluate import target_ranks
+
+    model, tok = build_model(tiny_cfg(cache_dir, "model.dropout=0.0", "model.seen_offset=true",
+                                      "loss.history_negatives=true"), items, log=None)
+    valid = examples(40)
+    ranks = target_ranks(model, valid, tok, 10, "cpu", served=True)
+    seen, model.seen = model.seen, None
+    assert torch.equal(ranks[:, 0], target_ranks(model, valid, tok, 10, "cpu"))  # offset 0 = plain
+    model.seen = seen
+    model.seen.value.data.fill_(-1e3)
+    low = target_ranks(model, valid, tok, 10, "cpu")
+    model.seen.value.data.fill_(1e3)
+    high = target_ranks(model, valid, tok, 10, "cpu")
+    model.seen.value.data.zero_()
+    repeat = np.array([t in h for t, h in zip(valid.targets, valid.to_frame().history)])
+    assert repeat.any() and not repeat.all()
+    assert torch.equal(low[~repeat], ranks[~repeat, 1]) and not torch.equal(ranks[:, 0], low)
+    assert (low[repeat] > len(items) - 6).all()  # behind every item outside the history
+    assert (high[repeat] <= 5).all() and (high[~repeat] > 1).all()
+
+
 def test_seen_items_bench_counts_history_in_the_top_10(built):
     """bench/seen_items.py: the share of top-10 slots held by history items, and ranks with the
     history excluded, which can only move a target up (a target is never excluded)."""

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from karma.losses import (
+    in_rows,
     action_loss,
     head_scores,
     popularity_log_prob,
@@ -145,6 +146,29 @@ def test_total_loss():
     assert total_loss(a, rec=r, w_gen=3.0, w_rec=1.0).item() == 5.0
     with pytest.raises(ValueError, match="w_rec"):
         total_loss(a, rec=r, w_rec=-1.0)
+
+
+def test_in_rows_marks_each_rows_own_ids():
+    ids = torch.tensor([3, 5, 7, 0])
+    rows = torch.tensor([[5, -1, 0], [-1, -1, -1], [7, 7, 3]])
+    assert in_rows(ids, rows).tolist() == [[False, True, False, True], [False] * 4, [True, False, True, False]]
+
+
+def test_seen_offset_shifts_the_history_items_among_the_candidates():
+    """model.seen_offset: `seen` is added to every candidate in the row's history (shared or the
+    row's own, the target too when it repeats one), before the temperature."""
+    z = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    cand, pos = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]]), torch.tensor([0, 1])
+    cand_ids, targets = torch.tensor([10, 11, 12]), torch.tensor([10, 11])
+    row = torch.tensor([[[0.0, 1.0]], [[1.0, 0.0]]])
+    ids = torch.tensor([[12], [11]])  # row 0 has seen 12 (a shared negative); row 1 its own target
+    got = action_loss(z, cand, pos, tau=0.5, cand_ids=cand_ids, target_ids=targets, row_cand=row,
+                      row_cand_ids=ids, seen=torch.tensor(-1.0))
+    # row 0: [1, 0, 0.5 - 1, 0 - 1]; row 1: [0, 1 - 1, 0.5, masked repeat]
+    logits = torch.tensor([[1.0, 0.0, -0.5, -1.0], [0.0, 0.0, 0.5, float("-inf")]]) / 0.5
+    assert got.item() == pytest.approx(torch.nn.functional.cross_entropy(logits, pos).item(), abs=1e-6)
+    with pytest.raises(ValueError, match="seen needs"):
+        action_loss(z, cand, pos, tau=1.0, seen=1.0)
 
 
 def test_row_candidates_join_each_rows_softmax():

@@ -315,3 +315,23 @@ def test_query_text_scale_weighs_the_text_half_when_retrieving(items, cache_dir)
     assert torch.allclose(torch.nn.functional.normalize(z3[..., :d], dim=-1),
                           torch.nn.functional.normalize(z1[..., :d], dim=-1), atol=1e-5)
     assert torch.allclose(z_train, z1, atol=1e-5)  # dropout is 0 here: train mode is the plain query
+
+
+def test_seen_offset_learns_from_the_history_negatives(items, cache_dir):
+    """model.seen_offset: at 0 the loss is history negatives' own; its gradient says whether the
+    history's items should rise or fall (here the targets are never in the history: fall)."""
+    cfg = tiny_cfg(cache_dir, "loss.n_negatives=4", "loss.w_gen=0", "loss.w_rec=0", "loss.history_negatives=true")
+    seen_cfg = tiny_cfg(cache_dir, "loss.n_negatives=4", "loss.w_gen=0", "loss.w_rec=0",
+                        "loss.history_negatives=true", "model.seen_offset=true")
+    plain, tok = build_model(cfg, items, log=None)
+    model, _ = build_model(seen_cfg, items, log=None)
+    model.load_state_dict(plain.state_dict(), strict=False)
+    plain.eval(), model.eval()
+    batch = make_batch(model, tok)
+    _, want = karma_losses(plain, batch, cfg.loss, NegativeSampler(np.ones(30), 4, seed=0))
+    total, got = karma_losses(model, batch, seen_cfg.loss, NegativeSampler(np.ones(30), 4, seed=0))
+    assert float(got["loss_action"]) == pytest.approx(float(want["loss_action"]), rel=1e-6)
+    total.backward()
+    assert model.seen.value.grad.item() > 0  # gradient descent lowers the offset
+    with pytest.raises(ValueError, match="model.seen_offset"):
+        tiny_cfg(cache_dir, "model.seen_offset=true")

@@ -92,6 +92,24 @@ def test_exact_ranks_agree_with_full_score_ranks(data):
     assert torch.equal(exact_ranks(qh, items, t, ex_clean, chunk_size=256), target_ranks(full, t, mask))
 
 
+@pytest.mark.parametrize("offset", [-0.3, 0.05, 0.4])
+def test_exact_ranks_with_an_offset_on_the_excluded_ids_match_the_shifted_score_matrix(data, offset):
+    items, _, qh, ex = data
+    t = torch.arange(40) * 7
+    t[1], t[2] = ex[1, 0], ex[2, 4]  # two targets inside their own history: shifted with it
+    ex = ex.clone()
+    ex[4, 1] = ex[4, 0]  # a repeated history id is shifted once
+    full = torch.einsum("bhd,nd->bhn", qh, items).amax(1)
+    shifted = full.clone()
+    for b in range(40):
+        for i in set(ex[b].tolist()) - {-1}:
+            shifted[b, i] += offset
+    want = target_ranks(shifted, t, torch.zeros_like(full, dtype=torch.bool))
+    for chunk in (97, 4096):  # targets' scores read in a chunk other than the history's
+        assert torch.equal(exact_ranks(qh, items, t, ex, chunk_size=chunk, exclude_offset=offset), want)
+    assert not torch.equal(want, exact_ranks(qh, items, t, ex, chunk_size=97))
+
+
 def test_ranks_from_topk():
     r = ranks_from_topk(np.array([[5, 3, 9], [1, 2, 4]]), np.array([9, 7]))
     assert r[0].item() == 3.0 and math.isinf(r[1].item())

@@ -85,6 +85,12 @@ class ModelConfig:
     # tail); bench/tail_knobs.py picks them on validation.
     id_shrinkage: float = 0.0
     query_text_scale: float = 1.0
+    # A learned score offset for the items of the history the model reads, added wherever it
+    # ranks (training's candidates, evaluation, the endpoint with exclude_history=false). It learns
+    # how often people return to what they had (never on MovieLens: the offset falls; often on
+    # groceries: it rises), which a query vector cannot say item by item: the text channel's
+    # pointer scores the history's own items highest of all. Needs loss.history_negatives.
+    seen_offset: bool = False
     head_reduce: Literal["max", "mixture"] = "max"
     rec_soft_tokens: int = 4  # k soft tokens P_rec(z) for reconstruction
     # What the reconstruction branch decodes the target's text from: "z", the whole query; or
@@ -355,6 +361,10 @@ def _validate(cfg: Config) -> Config:
     need(cfg.model.id_shrinkage >= 0, "model.id_shrinkage: must be >= 0 (0 = off)")
     need(cfg.model.id_shrinkage == 0 or cfg.model.text_channel,
          "model.id_shrinkage: weighs the learned half against the text channel; set model.text_channel=true")
+    need(not cfg.model.seen_offset or (cfg.loss.history_negatives and cfg.loss.negatives == "sampled"),
+         "model.seen_offset: learns from the history's items among the candidates; set loss.history_negatives=true "
+         "(with loss.negatives=sampled)")
+    need(not cfg.model.seen_offset or cfg.model.arch == "karma", "model.seen_offset: a KARMA option; SASRec has none")
     need(cfg.model.query_text_scale > 0, "model.query_text_scale: must be > 0 (1 = the query as trained)")
     need(cfg.model.query_text_scale == 1 or cfg.model.text_channel,
          "model.query_text_scale: scales the text channel's half of the query; set model.text_channel=true")

@@ -34,13 +34,16 @@ def target_ranks(model: KarmaModel, examples: Examples, tok: Tokenizer, max_hist
     a collective)."""
     model.eval()
     items = model.item_embeddings().float()
+    seen = model.seen_offset() if hasattr(model, "seen_offset") else None
     out = []
     for b in examples.batches(batch_size, max_history):
         z = model.interests(prepare_batch(b, model, tok, device))["z"].float().to(items.device)
         target = b["target"].to(items.device)
-        ranks = exact_ranks(z, items, target, None, chunk_size)
+        hist = history_ids(b).to(items.device) if (served or seen is not None) else None
+        # with model.seen_offset the history's items stay in the ranking, shifted by it
+        ranks = exact_ranks(z, items, target, hist if seen is not None else None, chunk_size, exclude_offset=seen)
         if served:
-            ranks = torch.stack([ranks, exact_ranks(z, items, target, history_ids(b).to(items.device), chunk_size)], 1)
+            ranks = torch.stack([ranks, exact_ranks(z, items, target, hist, chunk_size)], 1)
         out.append(ranks.cpu())
     return torch.cat(out) if out else torch.zeros((0, 2) if served else 0, dtype=torch.long)
 

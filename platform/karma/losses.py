@@ -16,6 +16,7 @@ import torch.nn.functional as F
 __all__ = [
     "head_scores",
     "action_loss",
+    "in_rows",
     "popularity_log_prob",
     "sample_negatives",
     "inverse_cdf_sample",
@@ -75,12 +76,15 @@ def action_loss(
     row_cand: torch.Tensor | None = None,
     row_cand_ids: torch.Tensor | None = None,
     row_log_q: float = 0.0,
+    seen: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
     """Sampled-softmax InfoNCE over candidates; the positive of row b is cand[pos_index[b]].
 
     `row_cand` [B,L,d] adds candidates of row b's own (its history's items: negatives every
     row is sure to meet, with log q = `row_log_q`); `row_cand_ids` [B,L] names them, -1 for
     padding. One equal to the row's target (a repeat) is masked, never pushed down.
+    `seen` (model.seen_offset) is added to the score of every candidate among row b's
+    `row_cand_ids`, the target's too when it repeats one; it needs `cand_ids`.
 
     logits[b,c] = head_scores[b,c] / tau - log_q[c]. Subtracting the log sampling
     probability (Yi et al. 2019) undoes the popularity bias of in-batch and sampled
@@ -90,6 +94,10 @@ def action_loss(
     """
     scores = head_scores(z, cand, reduce=reduce, mix_logits=mix_logits)  # [B,C]
     B, C = scores.shape
+    if seen is not None:
+        if cand_ids is None or row_cand_ids is None:
+            raise ValueError("seen needs cand_ids and row_cand_ids (the rows' history items)")
+        scores = scores + seen * in_rows(cand_ids, row_cand_ids).to(scores.dtype)
     if pos_index.shape != (B,):
         raise ValueError(f"pos_index must be [B]=[{B}], got shape {tuple(pos_index.shape)}")
     if isinstance(tau, (int, float)):
@@ -116,9 +124,20 @@ def action_loss(
         if row_cand_ids is None or target_ids is None or row_cand_ids.shape != row_cand.shape[:2]:
             raise ValueError("row_cand needs row_cand_ids [B,L] and target_ids")
         rs = head_scores(z, row_cand, reduce=reduce, mix_logits=mix_logits)  # [B,L]
+        if seen is not None:
+            rs = rs + seen
         drop = (row_cand_ids < 0) | (row_cand_ids == target_ids.unsqueeze(1))
         logits = torch.cat([logits, (rs / tau - row_log_q).masked_fill(drop, float("-inf"))], dim=1)
     return F.cross_entropy(logits.float(), pos_index)
+
+
+def in_rows(ids: torch.Tensor, row_ids: torch.Tensor) -> torch.Tensor:
+    """[B,C] bool: is ids[c] among row b's row_ids [B,L] (-1 = padding)? One isin over
+    (row, id) keys: no [B,C,L] comparison."""
+    n = int(max(ids.max(), row_ids.max())) + 1 if ids.numel() and row_ids.numel() else 1
+    rows = torch.arange(row_ids.shape[0], device=ids.device).unsqueeze(1) * n
+    keys = (rows + row_ids).masked_fill(row_ids < 0, -1)
+    return torch.isin(rows + ids.unsqueeze(0), keys)
 
 
 def popularity_log_prob(counts: torch.Tensor, power: float = 0.75) -> torch.Tensor:

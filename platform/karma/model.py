@@ -58,6 +58,18 @@ class Temperature(nn.Module):
         return self.log_tau.exp().clamp(min=1e-3)[0]
 
 
+class SeenOffset(nn.Module):
+    """model.seen_offset: one learned score added to the items of the history the model reads.
+    Starts at 0 (the plain score); in its own submodule for the reason Temperature is."""
+
+    def __init__(self):
+        super().__init__()
+        self.value = nn.Parameter(torch.zeros(1))
+
+    def forward(self) -> torch.Tensor:
+        return self.value[0]
+
+
 # Items encoded at once when the whole item table is computed without a graph (ranking, export).
 ITEM_CHUNK = 16384
 
@@ -187,6 +199,7 @@ class KarmaModel(nn.Module):
         self.rec_proj = linear(rec_in, cfg.rec_soft_tokens * hidden)
         self.token_drop = nn.Dropout(cfg.dropout)
         self.temperature = Temperature(tau_init, learn_tau)
+        self.seen = SeenOffset() if cfg.seen_offset else None
         self.register_buffer("item_tokens", item_tokens.long())  # [N, T] target text, EOS, padding
         self.register_buffer("item_token_len", item_token_len.long())  # [N] text + EOS lengths
         # Fixed prompt ids live on the model's device, made once: torch.tensor(list, device=cuda)
@@ -214,6 +227,10 @@ class KarmaModel(nn.Module):
     @property
     def tau(self) -> torch.Tensor:
         return self.temperature()
+
+    def seen_offset(self) -> float | None:
+        """The learned offset of the history's items (model.seen_offset), None when off."""
+        return None if self.seen is None else float(self.seen().detach())
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         return self.backbone.get_input_embeddings()(ids)
@@ -344,7 +361,8 @@ class KarmaModel(nn.Module):
         else:
             out = self._interests_and_generation(batch, gen_rows)
         if cand_ids is not None:
-            out.update(cand=self.item_embeddings(cand_ids), tau=self.tau)
+            out.update(cand=self.item_embeddings(cand_ids), tau=self.tau,
+                       seen=None if self.seen is None else self.seen())
         if rec_rows:
             rec = self.reconstruct(out["z"][:rec_rows], batch["target"][:rec_rows])
             out.update(rec_logits=rec["rec_logits"], rec_labels=rec["rec_labels"],

@@ -184,11 +184,14 @@ def exact_ranks(
     exclude: torch.Tensor | None = None,
     chunk_size: int = 65536,
     user_chunk: int | None = None,
+    exclude_offset: float | None = None,
 ) -> torch.Tensor:
     """Full-corpus 1-based rank of each target, pessimistic on ties, exactly as
     karma.metrics.target_ranks on the full score matrix: 1 + the other, non-excluded items
     scoring at least the target's score; NaN scores count against the target, and a NaN target
     ranks last. The target itself is never excluded, even if it appears in `exclude`.
+    With `exclude_offset` the `exclude` ids stay in the ranking with that much added to their
+    scores (the target's too when it is one of them): model.seen_offset's score of the history.
 
     Chunked both ways, at most `user_chunk` users (default: 4,096 on CUDA, 1,024 on CPU)
     against `chunk_size` items at a time, so memory is O(user_chunk * chunk_size) (times H for
@@ -225,37 +228,60 @@ def exact_ranks(
         for u in range(first, first + n, user_chunk):
             rows = order[u : min(u + user_chunk, first + n)]
             rank[rows] = _block_ranks(q[rows], items, t[rows], None if ex is None else ex[rows], c * chunk_size,
-                                      chunk_size, scratch)
+                                      chunk_size, scratch, exclude_offset)
         first += n
     return rank
 
 
 def _block_ranks(
     q: torch.Tensor, items: torch.Tensor, t: torch.Tensor, ex: torch.Tensor | None, home: int, chunk_size: int,
-    scratch: tuple[torch.Tensor, torch.Tensor],
+    scratch: tuple[torch.Tensor, torch.Tensor], offset: float | None = None,
 ) -> torch.Tensor:
     """exact_ranks of a block of users whose targets all lie in the item chunk starting at `home`,
     as karma.metrics.target_ranks on the full score matrix:
     rank = 1 + #(items not below the target) - #(those among the target and its excluded ids),
     where "not below" (not s < target) is the pessimistic rule in one comparison: ties, NaN
     scores, and everything against a NaN target. The target and excluded ids are read back with
-    a gather rather than masked in the scores, so an excluded item never counts, NaN or not."""
+    a gather rather than masked in the scores, so an excluded item never counts, NaN or not.
+    With `offset` the excluded ids are then counted back with their scores + offset."""
     N = items.shape[0]
     drop = t.unsqueeze(1) if ex is None else torch.cat([t.unsqueeze(1), ex], dim=1)
-    drop = drop.sort(dim=1).values
-    drop[:, 1:].masked_fill_(drop[:, 1:] == drop[:, :-1], -1)  # each id once: a repeat becomes padding
+    drop = _unique_rows(drop)
+    shifted = None
+    if offset is not None and ex is not None:
+        shifted = _unique_rows(ex)
+        shifted = shifted.masked_fill(shifted == t.unsqueeze(1), -1)  # the target is counted once, as the floor
+        t_shift = offset * (ex == t.unsqueeze(1)).any(dim=1, keepdim=True)
     not_below = torch.zeros(q.shape[0], dtype=torch.long, device=items.device)
     for start in [home, *(s for s in range(0, N, chunk_size) if s != home)]:
         end = min(start + chunk_size, N)
         s = _chunk_scores(q, items, start, end, None, out=scratch[0])
         if start == home:
             floor = s.gather(1, (t - start).unsqueeze(1))  # the targets' scores, [B,1]
-        local = drop - start
-        inside = (local >= 0) & (local < end - start)
-        dropped = inside & ~(s.gather(1, local.clamp(0, end - start - 1)) < floor)
+            if shifted is not None:
+                floor = floor + t_shift
+        dropped = _not_below_at(s, drop, start, end, floor)
         below = torch.lt(s, floor, out=scratch[1][: s.numel()].view(s.shape)).sum(dim=1, dtype=torch.int32)
         not_below += (end - start) - below - dropped.sum(dim=1)
+        if shifted is not None:
+            not_below += _not_below_at(s, shifted, start, end, floor, offset).sum(dim=1)
     return 1 + not_below
+
+
+def _unique_rows(ids: torch.Tensor) -> torch.Tensor:
+    """Each row's ids sorted, each id once: a repeat becomes padding (-1)."""
+    ids = ids.sort(dim=1).values
+    ids[:, 1:].masked_fill_(ids[:, 1:] == ids[:, :-1], -1)
+    return ids
+
+
+def _not_below_at(s: torch.Tensor, ids: torch.Tensor, start: int, end: int, floor: torch.Tensor,
+                  offset: float = 0.0) -> torch.Tensor:
+    """[B,L] bool: ids (-1 = padding) inside items[start:end] whose score + offset is not below
+    the row's floor (the pessimistic rule: ties and NaN count)."""
+    local = ids - start
+    inside = (local >= 0) & (local < end - start)
+    return inside & ~(s.gather(1, local.clamp(0, end - start - 1)) + offset < floor)
 
 
 def ranks_from_topk(ids: torch.Tensor | np.ndarray, targets: torch.Tensor | np.ndarray) -> torch.Tensor:

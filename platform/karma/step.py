@@ -122,7 +122,7 @@ def karma_losses(model: KarmaModel, batch: dict, loss: LossConfig, sampler: Nega
     l_act = action_loss(out["z"], cand, pos, out["tau"], cand_ids=dup_ids,
                         target_ids=None if dup_ids is None else target, log_q=log_q,
                         reduce=model.cfg.head_reduce, mix_logits=out["mix_logits"],
-                        row_cand=row_cand, row_cand_ids=hist_ids, row_log_q=row_log_q)
+                        row_cand=row_cand, row_cand_ids=hist_ids, row_log_q=row_log_q, seen=out.get("seen"))
 
     l_gen = l_rec = None
     chunk = ce_chunk(loss, target.device)
