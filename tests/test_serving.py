@@ -403,3 +403,26 @@ def test_nan_item_embeddings_are_refused_at_load(export_dir, tmp_path) -> None:
     pq.write_table(table, bad / "items.parquet")
     with pytest.raises(NonFiniteError, match="1 of 30 item embeddings hold NaN"):
         ModelHandle.from_export(bad)
+
+
+@pytest.mark.parametrize("offset", [-0.5, 0.3])
+def test_seen_offset_model_recalls_its_kept_history_shifted(items, cache_dir, tmp_path, offset) -> None:
+    """model.seen_offset served: with exclude_history=false the last max_history items of the
+    history are ranked at their score + the learned offset, exactly; older ones and everything
+    else at their plain score; with exclude_history (the default) the history is left out as before."""
+    cfg = tiny_cfg(cache_dir, "model.seen_offset=true", "loss.history_negatives=true", "data.max_history=3")
+    model, tok = build_model(cfg, items, log=None)
+    model.seen.value.data.fill_(offset)
+    h = ModelHandle.from_export(export_model(model.eval(), tok, cfg, items, tmp_path / "export"))
+    limits = ServingLimits(max_history=10)  # a longer history than the model reads (as batch recall sends)
+    history = [100, 101, 102, 103, 104]  # rows 0..4: the model reads the last 3
+    kept, dropped = h.run([build_job("recall", h, limits, history=history, k=30, exclude_history=False),
+                           build_job("recall", h, limits, history=history, k=10)])
+    z = h.model.interests([list(range(5))])[0]
+    scores = (h.model.item_emb @ z.T).max(axis=1)
+    scores[2:5] += offset
+    order = np.argsort(-scores, kind="stable")
+    np.testing.assert_allclose(kept["scores"], scores[order], atol=1e-5)
+    assert sorted(kept["item_ids"].tolist()) == list(range(100, 130))
+    assert kept["item_ids"].tolist() != (100 + np.argsort(-(h.model.item_emb @ z.T).max(1))).tolist()  # it moved
+    assert not set(dropped["item_ids"].tolist()) & set(history)

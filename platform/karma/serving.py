@@ -291,6 +291,18 @@ def recall(index: ItemIndex, z: np.ndarray, k: int, exclude: np.ndarray | None =
     return index.search(np.asarray(z, dtype=np.float32), k, exclude)
 
 
+def with_seen(rows: np.ndarray, scores: np.ndarray, z: np.ndarray, item_emb: np.ndarray, history: np.ndarray,
+              offset: float) -> tuple[np.ndarray, np.ndarray]:
+    """A recall answer (best first, the history's rows left out of it) with those rows put back
+    at their score + `offset` (model.seen_offset): the exact top of the shifted scores, since no
+    other item's score moves. z [H,d]; returns (rows, scores) best first."""
+    h = np.unique(np.asarray(history, dtype=np.int64))
+    hs = (np.asarray(item_emb[h], np.float32) @ np.asarray(z, np.float32).T).max(axis=1) + np.float32(offset)
+    all_rows, all_s = np.concatenate([rows, h]), np.concatenate([scores, hs.astype(scores.dtype)])
+    order = np.argsort(-all_s, kind="stable")
+    return all_rows[order], all_s[order]
+
+
 def _softmax(x: np.ndarray) -> np.ndarray:
     e = np.exp(x - x.max())
     return e / e.sum()
@@ -551,16 +563,21 @@ class ModelHandle:
         out: list[dict[str, Any]] = [{} for _ in jobs]
         rec = [i for i, j in enumerate(jobs) if j.kind == "recall" and ok[i]]
         if rec:
-            width = max(len(jobs[i].rows) if jobs[i].exclude_history else 0 for i in rec)
-            ex = np.full((len(rec), max(width, 1)), -1, np.int64)
-            for r, i in enumerate(rec):
-                if jobs[i].exclude_history:
-                    ex[r, : len(jobs[i].rows)] = jobs[i].rows
+            # model.seen_offset: a history kept in the answer (exclude_history=false) is scored
+            # with the learned offset on the items the model reads, as it was trained and evaluated
+            seen = self.model.model.seen_offset()
+            left_out = [jobs[i].rows if jobs[i].exclude_history else
+                        jobs[i].rows[-self.max_history:] if seen is not None else jobs[i].rows[:0] for i in rec]
+            ex = np.full((len(rec), max(max(len(x) for x in left_out), 1)), -1, np.int64)
+            for r, x in enumerate(left_out):
+                ex[r, : len(x)] = x
             scores, rows = recall(self.index, z[rec], max(jobs[i].k for i in rec), ex)
             for r, i in enumerate(rec):
                 keep = rows[r] >= 0
-                top_rows, top_s = rows[r][keep][: jobs[i].k], scores[r][keep][: jobs[i].k]
-                out[i] = {"item_ids": self._ids[top_rows], "scores": top_s}
+                top_rows, top_s = rows[r][keep], scores[r][keep]
+                if seen is not None and not jobs[i].exclude_history:
+                    top_rows, top_s = with_seen(top_rows, top_s, z[i], self.model.item_emb, left_out[r], seen)
+                out[i] = {"item_ids": self._ids[top_rows[: jobs[i].k]], "scores": top_s[: jobs[i].k]}
         for i, job in enumerate(jobs):
             m_i = None if mix is None else mix[i]
             if not ok[i]:
