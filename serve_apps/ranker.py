@@ -62,7 +62,9 @@ class InterestsRequest(_Strict):
 
 class RecallRequest(InterestsRequest):
     k: StrictInt = Field(default=100, description="how many items to return")
-    exclude_history: StrictBool = Field(default=True, description="leave the history's items out")
+    exclude_history: StrictBool = Field(
+        default=True, description="leave the history's items out; false keeps them, at their score plus the "
+                                  "learned offset for a model trained with model.seen_offset")
 
 
 class RankRequest(InterestsRequest):
@@ -80,7 +82,8 @@ class InterestsResponse(BaseModel):
 
 class RecallResponse(BaseModel):
     item_ids: list[int] = Field(description="best first; the history's items left out unless exclude_history=false")
-    scores: list[float] = Field(description="one per item_ids entry: max over heads of the inner product")
+    scores: list[float] = Field(description="one per item_ids entry: max over heads of the inner product "
+                                            "(+ the seen offset on a kept history item, model.seen_offset)")
     model_version: str | None
 
 
