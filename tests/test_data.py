@@ -9,6 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from karma.config import DataConfig
+from karma.pipeline import split_data
+
 from karma.data import (
     DataError,
     InteractionData,
@@ -17,6 +20,7 @@ from karma.data import (
     item_counts,
     leave_one_out,
     load_source,
+    recent_targets,
     read_parquet,
     SyntheticConfig,
     time_split,
@@ -269,6 +273,27 @@ def test_leave_one_out_hand_computed(data):
     assert [s.tolist() for s in test["shown"]] == [[4, 1], [], []]
     assert rows(leave_one_out(data, max_history=2).test)[0] == (1, [1, 2], 3)
     assert test.user_id.dtype == np.int64 and test.target.dtype == np.int64
+
+
+def test_recent_targets_keeps_each_users_last_training_targets_with_full_histories():
+    items = pd.DataFrame({"item_id": range(8), "title": [f"item {i}" for i in range(8)],
+                          "category": "c", "brand": "b", "text": ""})
+    # user 1: items 0..7 in order (train targets at positions 1..5), user 2: 3 events (no train target),
+    # user 3: 4 events (one train target)
+    events = pd.DataFrame({"user_id": [1] * 8 + [2] * 3 + [3] * 4,
+                           "item_id": list(range(8)) + [5, 6, 7] + [7, 6, 5, 4],
+                           "ts": list(range(8)) + [0, 1, 2] + [0, 1, 2, 3]})
+    data = validate(InteractionData(items, events))
+    full = leave_one_out(data, max_history=3)
+    assert [t for u, _, t in rows(full.train) if u == 1] == [1, 2, 3, 4, 5]
+    recent = recent_targets(full.train, 2)
+    assert rows(recent) == [(1, [1, 2, 3], 4), (1, [2, 3, 4], 5), (3, [7], 6)]
+    assert recent_targets(full.train, 0) is full.train
+    assert len(recent_targets(full.train, 100)) == len(full.train)
+    # through the config: only the training split shrinks
+    cut = split_data(data, DataConfig(source="parquet", max_history=3, train_recent=2))
+    assert rows(cut.train) == rows(recent)
+    assert rows(cut.valid) == rows(full.valid) and rows(cut.test) == rows(full.test)
 
 
 def test_time_split_hand_computed(data):

@@ -30,6 +30,9 @@ class DataConfig:
     valid_start: int | None = None  # time split only: first ts of the validation window
     test_start: int | None = None  # time split only: first ts of the test window
     max_history: int = 50
+    # Train on each user's last N training targets only (0 = all of them): every user then weighs
+    # about alike in an epoch, as in validation and test (karma.data.splits.recent_targets).
+    train_recent: int = 0
     # Synthetic generator (the embedded default)
     synthetic_users: int = 2000
     synthetic_items: int = 800
@@ -400,6 +403,7 @@ def _validate(cfg: Config) -> Config:
          f"train.ks: {cfg.train.ks} lacks 10; validation NDCG@10 picks the best epoch and drives early stopping, "
          "so add it, e.g. train.ks=[" + ",".join(map(str, sorted({10, *cfg.train.ks}))) + "]")
     need(cfg.data.max_history >= 1, "data.max_history: must be at least 1")
+    need(cfg.data.train_recent >= 0, "data.train_recent: must be >= 0 (0 = every training target)")
     need(cfg.data.text_max_tokens >= 2, "data.text_max_tokens: must be at least 2")
     if cfg.data.source != "synthetic":
         need(bool(cfg.data.path), f"data.path: required for data.source={cfg.data.source!r}; point it at the data folder")

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from karma.config import DataConfig
-from karma.data import (InteractionData, Split, item_counts, leave_one_out, load_source, time_split,
-                        validation_subset, write_examples)
+from karma.data import (InteractionData, Split, item_counts, leave_one_out, load_source, recent_targets,
+                        time_split, validation_subset, write_examples)
 
 
 @dataclass
@@ -31,8 +31,10 @@ def load_data(cfg: DataConfig) -> InteractionData:
 
 def split_data(data: InteractionData, cfg: DataConfig) -> Split:
     if cfg.split == "loo":
-        return leave_one_out(data, max_history=cfg.max_history)
-    return time_split(data, cfg.valid_start, cfg.test_start, max_history=cfg.max_history)
+        split = leave_one_out(data, max_history=cfg.max_history)
+    else:
+        split = time_split(data, cfg.valid_start, cfg.test_start, max_history=cfg.max_history)
+    return Split(recent_targets(split.train, cfg.train_recent), split.valid, split.test)
 
 
 def prepare(cfg: DataConfig, log=print) -> Prepared:
