@@ -34,7 +34,7 @@ def target_ranks(model: KarmaModel, examples: Examples, tok: Tokenizer, max_hist
     a collective)."""
     model.eval()
     items = model.item_embeddings().float()
-    seen = model.seen_offset() if hasattr(model, "seen_offset") else None
+    seen = model.seen_offset()
     out = []
     for b in examples.batches(batch_size, max_history):
         z = model.interests(prepare_batch(b, model, tok, device))["z"].float().to(items.device)

@@ -133,9 +133,9 @@ def action_loss(
 
 def in_rows(ids: torch.Tensor, row_ids: torch.Tensor) -> torch.Tensor:
     """[B,C] bool: is ids[c] among row b's row_ids [B,L] (-1 = padding)? One isin over
-    (row, id) keys: no [B,C,L] comparison."""
-    n = int(max(ids.max(), row_ids.max())) + 1 if ids.numel() and row_ids.numel() else 1
-    rows = torch.arange(row_ids.shape[0], device=ids.device).unsqueeze(1) * n
+    (row, id) keys: no [B,C,L] comparison. The row stride is fixed (item rows are int32), so
+    nothing is read back from the device in the training step."""
+    rows = torch.arange(row_ids.shape[0], device=ids.device).unsqueeze(1) * 2**32
     keys = (rows + row_ids).masked_fill(row_ids < 0, -1)
     return torch.isin(rows + ids.unsqueeze(0), keys)
 

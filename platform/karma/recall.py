@@ -10,8 +10,9 @@ registered model on a Ray Data actor pool, answered as Serve's `/v1/recall` woul
 
 Answers equal Serve's: the same Job and ModelHandle.run code ranks, the model reads the last
 `data.max_history` items of a history, and with `exclude_history` every item of the history is
-left out; without it a model.seen_offset model shifts those last items by its offset (Serve answers a request with a longer history the same way once `limits.max_history`
-admits it; by default it refuses one).
+left out; without it a model.seen_offset model shifts those last items by its offset (Serve
+answers a request with a longer history the same way once `limits.max_history` admits it; by
+default it refuses one).
 
 Resume: an output file is written under a temporary name and renamed when complete, and carries
 in its Parquet metadata the settings and the input it was made from (rows, bytes). A rerun skips

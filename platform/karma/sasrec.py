@@ -8,7 +8,8 @@ the loss is softmax cross-entropy over every item (`sasrec_loss`), the recipe of
 with `loss_type=CE`, which the UniSRec/RecFormer papers report as their SASRec baseline.
 
 The model exposes the interface the shared code expects of a recommender: `forward(batch)` /
-`interests(batch)` return `z` [B, 1, d]; `item_embeddings(ids)` returns rows of the item table.
+`interests(batch)` return `z` [B, 1, d]; `item_embeddings(ids)` returns rows of the item table;
+`seen_offset()` is None (SASRec has no score of its own for the history's items).
 Histories arrive as `karma.data.collate` makes them: LEFT-padded with 0 plus `history_mask`
 (item row 0 is a real item, so padding is known only from the mask).
 """
@@ -131,6 +132,10 @@ class SASRec(nn.Module):
         """The training loss (KarmaModel.loss's interface): full softmax cross-entropy; the loss
         config, negative sampler and cross-worker gather do not apply to it."""
         return sasrec_loss(self, batch)
+
+    def seen_offset(self) -> None:
+        """KarmaModel.seen_offset's interface: no offset, the history's items rank as any other."""
+        return None
 
     def item_embeddings(self, ids: torch.Tensor | None = None) -> torch.Tensor:
         """Item table rows [C, d] (all items in row order when ids is None); not normalised."""

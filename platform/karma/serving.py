@@ -496,9 +496,11 @@ class ModelHandle:
     loaded_at: str
     path: str = ""  # the local export folder (kept out of answers)
     _ids: np.ndarray = field(init=False, repr=False)
+    _seen: float | None = field(init=False, repr=False)  # model.seen_offset, fixed once loaded
 
     def __post_init__(self) -> None:
         self._ids = self.model.items["item_id"].to_numpy(np.int64)
+        self._seen = self.model.model.seen_offset()
 
     @classmethod
     def from_export(cls, path: str | Path, spec: ModelSpec | None = None, version: str | None = None,
@@ -565,7 +567,7 @@ class ModelHandle:
         if rec:
             # model.seen_offset: a history kept in the answer (exclude_history=false) is scored
             # with the learned offset on the items the model reads, as it was trained and evaluated
-            seen = self.model.model.seen_offset()
+            seen = self._seen
             left_out = [jobs[i].rows if jobs[i].exclude_history else
                         jobs[i].rows[-self.max_history:] if seen is not None else jobs[i].rows[:0] for i in rec]
             ex = np.full((len(rec), max(max(len(x) for x in left_out), 1)), -1, np.int64)

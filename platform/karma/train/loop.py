@@ -301,7 +301,7 @@ class Trainer:
             metrics = self.evaluate(self.data.valid)
             metrics.update(epoch=s.epoch, step=s.step, train_seconds=train_seconds,
                            eval_seconds=time.time() - epoch_start - train_seconds)
-            seen = getattr(self.backend.module, "seen_offset", lambda: None)()
+            seen = self.backend.module.seen_offset()
             if seen is not None:  # model.seen_offset: how far the history's items have moved
                 metrics["seen_offset"] = seen
             s.curve.append(metrics[SELECT_METRIC])
