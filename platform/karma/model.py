@@ -238,7 +238,8 @@ class KarmaModel(nn.Module):
     def item_embeddings(self, ids: torch.Tensor | None = None) -> torch.Tensor:
         """The item tower e_out(i) = normalize(W_o e_in(i)), with the text channel
         [e_out(i) ; t(i)] / sqrt 2 (unit length too), or when retrieving (eval mode) with
-        model.id_shrinkage [c(i) e_out(i) ; t(i)] / sqrt(c(i)^2 + 1); all items when ids is None."""
+        model.id_shrinkage [c(i) e_out(i) ; t(i)] / sqrt(c(i)^2 + 1) (in training too with
+        model.id_shrinkage_train); all items when ids is None."""
         if ids is None:
             n, device = self.n_items, self.item_tokens.device
             if n > ITEM_CHUNK and not torch.is_grad_enabled():
@@ -253,7 +254,7 @@ class KarmaModel(nn.Module):
         if self.pointer is None:
             return e
         t = self.items.text_emb[ids].float()
-        if self.cfg.id_shrinkage > 0 and not self.training:
+        if self.cfg.id_shrinkage > 0 and (self.cfg.id_shrinkage_train or not self.training):
             c = self.item_trust[ids].unsqueeze(-1)
             return torch.cat([c * e, t], dim=-1) / torch.sqrt(c * c + 1)
         return torch.cat([e, t], dim=-1) / math.sqrt(2.0)
