@@ -44,7 +44,8 @@ def test_overrides_parse_types():
     (["model.rec_input=learned"], "model.rec_input=learned: the learned half exists only with the text channel"),
     (["model.rec_input=half"], "model.rec_input"),
     (["model.query_text_scale=0"], "model.query_text_scale: must be > 0"),
-    (["model.text_channel=true", "model.id_shrinkage_train=true"], "model.id_shrinkage_train: applies model.id_shrinkage in training"),
+    (["model.train_id_shrinkage=-1"], "model.train_id_shrinkage: must be >= 0"),
+    (["model.train_id_shrinkage=2"], "model.train_id_shrinkage: weighs the learned half against the text channel"),
     (["model.query_text_scale=2"], "model.query_text_scale: scales the text channel's half"),
     (["train.lr"], "write it as section.key=value"),
     # NDCG@10 selects the best epoch: without K=10 training would crash after its first epoch.

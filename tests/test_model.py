@@ -277,30 +277,33 @@ def test_id_shrinkage_leans_rare_items_on_their_text(items, cache_dir, tmp_path)
     model.train()
     with torch.no_grad():
         assert torch.allclose(model.item_embeddings()[0, d:] * 2 ** 0.5, text[0], atol=1e-6)
-    with pytest.raises(ValueError, match="id_shrinkage needs the training count"):
+    with pytest.raises(ValueError, match="need the training count of every item"):
         build_model(cfg, items, log=None)
 
 
-def test_id_shrinkage_train_applies_it_in_training_too(items, cache_dir):
-    """model.id_shrinkage_train: training ranks against the shrunk items too, so an item never seen
-    in training is its text alone there as well, and its learned half gets no gradient."""
-    cfg = tiny_cfg(cache_dir, "model.text_channel=true", "model.id_shrinkage=2", "model.id_shrinkage_train=true")
+def test_train_id_shrinkage_acts_in_training_only(items, cache_dir, tmp_path):
+    """model.train_id_shrinkage=k: training weighs the learned half by n / (n + k), so an item
+    never seen in training is its text alone there and its learned half gets no gradient; retrieval
+    is the plain channel (model.id_shrinkage=0), and the export, which has no counts, serves it."""
+    cfg = tiny_cfg(cache_dir, "model.text_channel=true", "model.train_id_shrinkage=2")
     counts = np.zeros(len(items), np.int64)
     counts[2] = 10_000
     model, tok = build_model(cfg, items, log=None, counts=counts)
-    model.train()
     d = model.cfg.embed_dim
-    table = model.item_embeddings()
-    assert torch.allclose(table[0], torch.cat([torch.zeros(d), model.items.text_emb[0]]), atol=1e-6)
-    model.eval()
-    with torch.no_grad():
-        assert torch.allclose(model.item_embeddings(), table.detach(), atol=1e-6)  # the same as retrieval
+    text = model.items.text_emb
     model.train()
+    table = model.item_embeddings()
+    assert torch.allclose(table[0], torch.cat([torch.zeros(d), text[0]]), atol=1e-6)
     model.zero_grad()
     table[0, :d].sum().backward(retain_graph=True)
     assert model.items.id_emb.weight.grad is None or not model.items.id_emb.weight.grad[0].any()
     table[2, :d].sum().backward()
     assert model.items.id_emb.weight.grad[2].any()
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(model.item_embeddings()[0, d:] * 2 ** 0.5, text[0], atol=1e-6)  # retrieval: plain
+    assert "train_trust" not in model.state_dict()
+    assert_export_matches(model, tok, cfg, items, tmp_path / "export")
 
 
 def test_reconstruction_can_read_the_learned_half_alone(items, cache_dir):

@@ -82,9 +82,10 @@ class ModelConfig:
     # tail); bench/tail_knobs.py picks them on validation.
     id_shrinkage: float = 0.0
     query_text_scale: float = 1.0
-    # Apply id_shrinkage in training too, so the query learns against the items it will be ranked
-    # against: a rarely seen item is placed by its text in training as well as when retrieving.
-    id_shrinkage_train: bool = False
+    # Training only: the same weighing with its own k (0 = off). A rarely seen item is placed by its
+    # text in training, so its learned half gets little of the action loss's gradient and the query
+    # learns to find such items by their text; retrieval then uses model.id_shrinkage.
+    train_id_shrinkage: float = 0.0
     # A learned score offset for the items of the history the model reads, added wherever it
     # ranks (training's candidates, evaluation, the endpoint with exclude_history=false). It learns
     # how often people return to what they had (never on MovieLens: the offset falls; often on
@@ -365,8 +366,9 @@ def _validate(cfg: Config) -> Config:
          "model.seen_offset: learns from the history's items among the candidates; set loss.history_negatives=true "
          "(with loss.negatives=sampled)")
     need(not cfg.model.seen_offset or cfg.model.arch == "karma", "model.seen_offset: a KARMA option; SASRec has none")
-    need(not cfg.model.id_shrinkage_train or cfg.model.id_shrinkage > 0,
-         "model.id_shrinkage_train: applies model.id_shrinkage in training; set model.id_shrinkage > 0 (e.g. 2)")
+    need(cfg.model.train_id_shrinkage >= 0, "model.train_id_shrinkage: must be >= 0 (0 = off)")
+    need(cfg.model.train_id_shrinkage == 0 or cfg.model.text_channel,
+         "model.train_id_shrinkage: weighs the learned half against the text channel; set model.text_channel=true")
     need(cfg.model.query_text_scale > 0, "model.query_text_scale: must be > 0 (1 = the query as trained)")
     need(cfg.model.query_text_scale == 1 or cfg.model.text_channel,
          "model.query_text_scale: scales the text channel's half of the query; set model.text_channel=true")

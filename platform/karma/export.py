@@ -134,8 +134,8 @@ def load_export(path: str | Path, device: str = "cpu", dtype: str | None = None)
         text_emb=torch.zeros(n, meta["text_dim"]) if meta["text_dim"] else None,
         image_emb=torch.zeros(n, meta["image_dim"]) if meta["image_dim"] else None,
         tau_init=cfg.loss.tau_init,
-        # the saved item_trust buffer replaces these zeros
-        item_counts=torch.zeros(n) if cfg.model.id_shrinkage > 0 else None,
+        # the saved item_trust buffer replaces these zeros (train_trust is for training only)
+        item_counts=torch.zeros(n) if cfg.model.id_shrinkage > 0 or cfg.model.train_id_shrinkage > 0 else None,
     )
     state = load_file(str(path / "model.safetensors"))
     model.load_state_dict(state, strict=True)

@@ -189,11 +189,14 @@ class KarmaModel(nn.Module):
             raise ValueError("model.text_channel needs item text embeddings: set data.text_encoder=minilm")
         self.pointer = TextPointer(hidden, cfg.embed_dim) if cfg.text_channel else None
         self.item_head = linear(hidden, cfg.embed_dim)
-        if cfg.id_shrinkage > 0:
+        if cfg.id_shrinkage > 0 or cfg.train_id_shrinkage > 0:
             if item_counts is None or len(item_counts) != n_items:
-                raise ValueError("model.id_shrinkage needs the training count of every item (item_counts)")
-            # saved with the weights: the counts are the training split's
+                raise ValueError("model.id_shrinkage / model.train_id_shrinkage need the training count of every "
+                                 "item (item_counts)")
+        if cfg.id_shrinkage > 0:  # saved with the weights: the counts are the training split's
             self.register_buffer("item_trust", item_trust(item_counts, cfg.id_shrinkage))
+        if cfg.train_id_shrinkage > 0:  # used in training only, so rebuilt from the counts, not saved
+            self.register_buffer("train_trust", item_trust(item_counts, cfg.train_id_shrinkage), persistent=False)
         self.mix_head = linear(hidden, cfg.n_interest) if cfg.head_reduce == "mixture" else None
         rec_in = cfg.embed_dim if cfg.rec_input == "learned" else self.retrieval_dim
         self.rec_proj = linear(rec_in, cfg.rec_soft_tokens * hidden)
@@ -238,8 +241,8 @@ class KarmaModel(nn.Module):
     def item_embeddings(self, ids: torch.Tensor | None = None) -> torch.Tensor:
         """The item tower e_out(i) = normalize(W_o e_in(i)), with the text channel
         [e_out(i) ; t(i)] / sqrt 2 (unit length too), or when retrieving (eval mode) with
-        model.id_shrinkage [c(i) e_out(i) ; t(i)] / sqrt(c(i)^2 + 1) (in training too with
-        model.id_shrinkage_train); all items when ids is None."""
+        model.id_shrinkage [c(i) e_out(i) ; t(i)] / sqrt(c(i)^2 + 1) (in training, with
+        model.train_id_shrinkage's c); all items when ids is None."""
         if ids is None:
             n, device = self.n_items, self.item_tokens.device
             if n > ITEM_CHUNK and not torch.is_grad_enabled():
@@ -254,8 +257,9 @@ class KarmaModel(nn.Module):
         if self.pointer is None:
             return e
         t = self.items.text_emb[ids].float()
-        if self.cfg.id_shrinkage > 0 and (self.cfg.id_shrinkage_train or not self.training):
-            c = self.item_trust[ids].unsqueeze(-1)
+        k = self.cfg.train_id_shrinkage if self.training else self.cfg.id_shrinkage
+        if k > 0:
+            c = (self.train_trust if self.training else self.item_trust)[ids].unsqueeze(-1)
             return torch.cat([c * e, t], dim=-1) / torch.sqrt(c * c + 1)
         return torch.cat([e, t], dim=-1) / math.sqrt(2.0)
 
